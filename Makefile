@@ -1,0 +1,61 @@
+# lorakit — every target sets up .venv on demand (torch 2.13.0 CPU first, then the package with its CPU extras).
+# Fresh machine: `make test` or `make lab` is all you need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lorakit-installed
+EXTRAS := course,qlora,zero3,real,dev
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorakit/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore
+
+.PHONY: setup lab test lint notebooks course bench student real-model setup-gpu base task clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lorakit)" >/dev/null
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+notebooks: setup
+	$(PY) -m lorakit.course run $(NB)
+
+course: setup
+	$(PY) -m lorakit.course table
+
+bench: setup
+	$(PY) -m lorakit.bench $(BENCH_ARGS)
+
+student: setup
+	$(PY) -m lorakit.course student
+
+base: setup
+	$(PY) -m lorakit.models build
+
+task: setup
+	$(PY) -m lorakit.models task
+
+real-model: setup
+	$(PY) -m lorakit.models smollm2
+
+# CUDA machines only: a CUDA build of torch, flash-attn (compiles against it), bitsandbytes' CUDA kernels.
+setup-gpu: setup
+	$(PY) -m pip install -q --upgrade "torch>=2.6,<2.15" --index-url https://download.pytorch.org/whl/cu128
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-build-isolation "flash-attn>=2.6"
+
+clean:
+	rm -rf $(VENV) student .pytest_cache

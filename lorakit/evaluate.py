@@ -1,0 +1,64 @@
+"""Generation and held-out exact-match accuracy for chat models.
+
+    from lorakit.evaluate import exact_match
+    accuracy = exact_match(model, tokenizer, records)   # records in FastChat format; 0.0 .. 1.0
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _roles(conversation: list[dict]) -> list[dict]:
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    return [{"role": roles[turn["from"]], "content": turn["value"]} for turn in conversation]
+
+
+def split_record(record: dict) -> tuple[list[dict], str]:
+    """(chat messages up to the last assistant turn, that turn's reference answer) for one FastChat record."""
+    messages = _roles(record["conversations"])
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError(f"record {record.get('id', '?')!r} does not end with a 'gpt' turn to score against")
+    return messages[:-1], messages[-1]["content"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 16,
+             batch_size: int = 64) -> list[str]:
+    """Greedy replies to chat conversations (lists of {"role", "content"}), decoded without special tokens.
+
+    Batches are left-padded so that every prompt ends where generation starts.
+    """
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                       for c in conversations[start:start + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(model.device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]  # (B, new)
+            replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return replies
+
+
+def predictions(model, tokenizer, records: list[dict], max_new_tokens: int = 16) -> list[tuple[str, str, str]]:
+    """(question, reference, prediction) for each record."""
+    prompts, references = zip(*(split_record(r) for r in records), strict=True)
+    replies = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    return [(p[-1]["content"], ref, rep) for p, ref, rep in zip(prompts, references, replies, strict=True)]
+
+
+def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16) -> float:
+    """Fraction of records whose greedy reply equals the reference answer exactly (after stripping whitespace)."""
+    if not records:
+        raise ValueError("exact_match needs at least one record")
+    rows = predictions(model, tokenizer, records, max_new_tokens)
+    return sum(ref.strip() == pred for _, ref, pred in rows) / len(rows)
