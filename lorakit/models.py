@@ -39,9 +39,9 @@ CHAT_TEMPLATE = (
 # The recipe. Changing any of these changes the committed weights.
 TINY_CONFIG = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0,
+    max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
-PRETRAIN = dict(steps=2000, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01, seed=0)
+PRETRAIN = dict(steps=4000, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01, seed=0)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -164,15 +164,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
                             f"directory with a config.json. Pass one of the names or a local checkpoint directory.")
 
 
-def load_base(name: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, **kwargs):
+def default_model() -> str:
+    """The model every notebook uses: $LORAKIT_MODEL (a name or a path), else the embedded 'tiny'."""
+    return os.environ.get("LORAKIT_MODEL", "tiny")
+
+
+def load_base(name: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, **kwargs):
     """Load (model, tokenizer) by name ('tiny') or local path; the model is in eval mode.
 
     Args:
-        name: a name from MODELS or a directory holding config.json, weights and tokenizer files.
+        name: a name from MODELS or a directory holding config.json, weights and tokenizer files;
+            None means default_model() ($LORAKIT_MODEL, else "tiny").
         dtype: parameter dtype (torch.float32 on CPU; torch.bfloat16 on a GPU).
         **kwargs: passed to from_pretrained (attn_implementation, quantization_config, device_map, ...).
     """
-    path = resolve(name)
+    path = resolve(default_model() if name is None else name)
     hf_logging.disable_progress_bar()  # a progress bar per load would clutter notebook outputs
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
