@@ -53,9 +53,120 @@ def row_base_generation() -> tuple[float, str]:
     return ratio, "report (batched generation: < 2 means batching pays)"
 
 
+def _attention_inputs(length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence, 4 query heads sharing 2 key/value heads of width 64 (grouped-query, as in the tiny model)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, length, 64, generator=generator)  # (B, H, L, D)
+    k, v = (torch.randn(1, 2, length, 64, generator=generator) for _ in range(2))  # (B, Hkv, L, D)
+    return q, k, v
+
+
+def row_tiled_attention_memory() -> tuple[float, str]:
+    """Causal attention at L = 4096: peak bytes allocated by lorakit's tiled kernel / by eager attention."""
+    from types import SimpleNamespace
+
+    from transformers.masking_utils import eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from lorakit.attention import peak_allocated, tiled_attention
+
+    q, k, v = _attention_inputs(4096)
+    layer = SimpleNamespace(num_key_value_groups=2, training=False)  # what eager_attention_forward reads
+
+    def eager() -> torch.Tensor:  # transformers' eager path: (1, 1, L, L) mask, then the (B, H, L, L) scores
+        mask = eager_mask(batch_size=1, q_length=4096, kv_length=4096)
+        return eager_attention_forward(layer, q, k, v, mask, scaling=q.shape[-1] ** -0.5)[0]
+
+    with torch.no_grad():
+        return peak_allocated(lambda: tiled_attention(q, k, v)) / peak_allocated(eager), "<= 0.1"
+
+
+def row_tiled_attention_time() -> tuple[float, str]:
+    """Causal attention at L = 2048: seconds of lorakit's tiled kernel (Python loop over blocks) / torch sdpa."""
+    import torch.nn.functional as F
+
+    from lorakit.attention import tiled_attention
+
+    q, k, v = _attention_inputs(2048)
+    with torch.no_grad():
+        ratio = interleaved_ratio(lambda: tiled_attention(q, k, v),
+                                  lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                  rounds=3, number=1)
+    return ratio, "report (goal <= 3)"
+
+
+def row_zero3_partition() -> tuple[float, str]:
+    """Two real gloo ranks under ZeRO-3 (persistence threshold 0): bytes of parameters rank 0 holds / total bytes."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from lorakit.zero3 import run_ranks
+
+    with tempfile.TemporaryDirectory() as out:
+        result = run_ranks(["-m", "lorakit.zero3", "demo", "--out", out, "--steps", "2", "--no-saves"])
+        if result.returncode != 0:
+            raise RuntimeError("two-rank ZeRO-3 run failed:\n" + result.stderr[-2000:])
+        report = json.loads((Path(out) / "partition-rank0.json").read_text())
+    return report["local_bytes"] / report["total_bytes"], "0.50 ± 0.02 (each of 2 ranks holds half)"
+
+
+def row_nf4_quantize_time() -> tuple[float, str]:
+    """lorakit.nf4.quantize_nf4 (plain PyTorch) / bitsandbytes quantize_4bit, NF4 + double quant, 1024 x 1024."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from bitsandbytes.functional import quantize_4bit
+
+    from lorakit.nf4 import quantize_nf4
+
+    w = torch.randn(1024, 1024)
+    ratio = interleaved_ratio(lambda: quantize_nf4(w), lambda: quantize_4bit(w, compress_statistics=True,
+                                                                              quant_type="nf4"))
+    return ratio, "report (same bytes; bitsandbytes' CPU path is PyTorch too, plus a C kernel for the constants)"
+
+
+def row_nf4_bits_per_param() -> tuple[float, str]:
+    """Bytes of a real NF4 + double-quant tensor x 8 / its weight count (codes, absmax codes, fp32 second scales)."""
+    from lorakit.nf4 import bits_per_param
+
+    return bits_per_param(64, double_quant=True), "4.127 = 4 + 8/64 + 32/(64*256) (QLoRA)"
+
+
+def row_lora_step_checkpointing() -> tuple[float, str]:
+    """One LoRA training step (forward + backward, batch 16 of the task) with gradient checkpointing / without."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.data import DataCollator, SupervisedDataset, load_records
+    from lorakit.models import TASK_DIR, load_base
+
+    def step_fn(checkpointing: bool):
+        model, tokenizer = load_base("tiny")
+        model.config.use_cache = False
+        if checkpointing:  # transformers 5 name of gradient_checkpointing_enable
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        model.train()
+        data = SupervisedDataset(load_records(TASK_DIR / "train.jsonl")[:16], tokenizer, 512)
+        batch = DataCollator(tokenizer.pad_token_id)([data[i] for i in range(16)])
+        return lambda: model(**batch).loss.backward()
+
+    return interleaved_ratio(step_fn(True), step_fn(False)), "report (> 1: recomputing activations costs time)"
+
+
 # (name, function). Rows are run in this order.
 ROWS: list[tuple[str, Callable[[], tuple[float, str]]]] = [
     ("tiny generate 100 / 50 records (time)", row_base_generation),
+    ("attention: tiled peak memory / eager, L=4096", row_tiled_attention_memory),
+    ("attention: tiled time / sdpa, L=2048", row_tiled_attention_time),
+    ("ZeRO-3 per-rank parameter bytes / total, 2 ranks (count)", row_zero3_partition),
+    ("NF4 quantise: lorakit / bitsandbytes, 1024x1024 + DQ (time)", row_nf4_quantize_time),
+    ("NF4 + double quant bits per parameter (count)", row_nf4_bits_per_param),
+    ("LoRA train step: gradient checkpointing / off (time)", row_lora_step_checkpointing),
 ]
 
 

