@@ -158,6 +158,50 @@ def row_lora_step_checkpointing() -> tuple[float, str]:
     return interleaved_ratio(step_fn(True), step_fn(False)), "report (> 1: recomputing activations costs time)"
 
 
+def row_lora_linear_vs_peft() -> tuple[float, str]:
+    """Forward + backward of one adapted 1024x1024 layer, r=8, on (8, 128, 1024) inputs: lorakit / peft lora.Linear."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from lorakit.lora import LoRALinear
+
+    base = torch.nn.Linear(1024, 1024)
+    ours = LoRALinear(copy.deepcopy(base), r=8, alpha=16)
+    theirs = PeftLinear(copy.deepcopy(base), "default", LoraConfig(r=8, lora_alpha=16), r=8, lora_alpha=16)
+    theirs.base_layer.requires_grad_(False)  # as get_peft_model does; lorakit freezes W0 itself
+    x = torch.randn(8, 128, 1024, requires_grad=True)  # (B, T, d_in)
+
+    def step(layer: torch.nn.Module) -> Callable[[], None]:
+        return lambda: layer(x).sum().backward()
+
+    return interleaved_ratio(step(ours), step(theirs)), "<= 1.05"
+
+
+def row_lora_merged_vs_base() -> tuple[float, str]:
+    """Forward of the tiny model with q_proj+v_proj LoRA (r=8) merged / the base model, (64, 128) tokens."""
+    import copy
+
+    from lorakit.lora import add_lora, lora_layers, merge_lora
+    from lorakit.models import load_base
+
+    base, _ = load_base("tiny")
+    merged = copy.deepcopy(base)
+    add_lora(merged, ["q_proj", "v_proj"], r=8, alpha=16)
+    with torch.no_grad():
+        for layer in lora_layers(merged).values():
+            layer.lora_B.normal_(std=0.05)  # a trained-looking adapter, so merging really changes W0
+    merge_lora(merged)
+    ids = torch.randint(7, base.config.vocab_size, (64, 128))  # (B, T), no special tokens
+
+    def forward(model: torch.nn.Module) -> Callable[[], None]:
+        return lambda: model(input_ids=ids)
+
+    with torch.no_grad():
+        return interleaved_ratio(forward(merged), forward(base), rounds=9), "1.00 +- 0.03"
+
+
 # (name, function). Rows are run in this order.
 ROWS: list[tuple[str, Callable[[], tuple[float, str]]]] = [
     ("tiny generate 100 / 50 records (time)", row_base_generation),
@@ -167,6 +211,8 @@ ROWS: list[tuple[str, Callable[[], tuple[float, str]]]] = [
     ("NF4 quantise: lorakit / bitsandbytes, 1024x1024 + DQ (time)", row_nf4_quantize_time),
     ("NF4 + double quant bits per parameter (count)", row_nf4_bits_per_param),
     ("LoRA train step: gradient checkpointing / off (time)", row_lora_step_checkpointing),
+    ("LoRALinear fwd+bwd: lorakit / peft lora.Linear, 1024x1024 r=8 (time)", row_lora_linear_vs_peft),
+    ("LoRALinear merged model / base model forward, tiny (time)", row_lora_merged_vs_base),
 ]
 
 

@@ -44,6 +44,40 @@ def compare_tensors(name: str, got: object, expected: torch.Tensor, atol: float 
 
 # ---- 01 low-rank math ----
 
+
+def check_merged_weight(fn: Callable) -> bool:
+    """Notebook 01: fn(W0, A, B, alpha, r) must return W0 + (alpha / r) B A, the weight that makes LoRA free at
+    inference. The expected values come from lorakit.lora.LoRALinear.merge()."""
+    from torch import nn
+
+    from lorakit.lora import LoRALinear
+
+    generator = torch.Generator().manual_seed(0)
+    problems = []
+    for d_in, d_out, r, alpha in [(6, 4, 2, 4.0), (16, 8, 4, 16.0), (32, 32, 8, 8.0)]:
+        layer = LoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=alpha)
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(torch.randn(d_out, d_in, generator=generator))
+            layer.lora_A.copy_(torch.randn(r, d_in, generator=generator))
+            layer.lora_B.copy_(torch.randn(d_out, r, generator=generator))
+        w0, a, b = (t.detach().clone() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+        got, error = attempt(fn, w0, a, b, alpha, r)
+        if error:
+            return verdict(False, "merged_weight raised an error", [error])
+        untouched = all(torch.equal(x, y) for x, y in ((w0, layer.base_layer.weight), (a, layer.lora_A),
+                                                        (b, layer.lora_B)))
+        layer.merge()
+        problem = compare_tensors(f"W0 {tuple(w0.shape)}, r={r}, alpha={alpha:g}", got, layer.base_layer.weight)
+        if problem is None and not untouched:
+            problem = "your function changed W0, A or B in place: return a new tensor instead"
+        if problem:
+            problems.append(problem)
+    if problems:
+        return verdict(False, "merged_weight is not W0 + (alpha / r) B A yet", problems +
+                       ["hint: B is (d_out, r) and A is (r, d_in), so B @ A has the shape of W0"])
+    return verdict(True, "merged_weight matches LoRALinear.merge() on 3 shapes", [
+        "one (d_out, d_in) matmul at inference, exactly as cheap as the base layer"])
+
 # ---- 02 NF4 ----
 
 def check_pack_4bit(fn: Callable) -> bool:
