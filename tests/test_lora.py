@@ -253,3 +253,22 @@ def test_notebook_inline_layer_equals_lorakit(case):
     inline.merge()
     ours.merge()
     assert torch.equal(inline.base.weight, ours.base_layer.weight)
+
+
+def test_exercise_check_accepts_the_solution_and_rejects_mistakes(capsys):
+    from lorakit.exercises import check_merged_weight
+
+    def stub(W0, A, B, alpha, r):
+        raise NotImplementedError
+
+    def in_place(W0, A, B, alpha, r):
+        return W0.add_((alpha / r) * (B @ A))
+
+    assert check_merged_weight(lambda W0, A, B, alpha, r: W0 + (alpha / r) * (B @ A))
+    assert not check_merged_weight(stub)
+    assert "not written yet" in capsys.readouterr().out
+    assert not check_merged_weight(lambda W0, A, B, alpha, r: W0 + alpha * (B @ A))  # forgot to divide by r
+    assert "values differ" in capsys.readouterr().out
+    assert not check_merged_weight(lambda W0, A, B, alpha, r: W0 + (alpha / r) * (A.T @ B.T))  # wrong shape
+    assert not check_merged_weight(in_place)
+    assert "in place" in capsys.readouterr().out
