@@ -69,9 +69,9 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "flash attention: flash_attention_2 on a GPU with flash-attn, else the closest available kernel"})
     # Course defaults for the embedded task (transformers' own defaults in brackets).
     learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate [5e-5; the seed used 2e-5]"})
-    num_train_epochs: float = field(default=8.0, metadata={"help": "passes over the training data [3]"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "batch size per process [8]"})
-    warmup_steps: float = field(default=10, metadata={"help": "linear warm-up steps [0]"})
+    num_train_epochs: float = field(default=50.0, metadata={"help": "passes over the training data [3]"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "batch size per process [8]"})
+    warmup_steps: float = field(default=20, metadata={"help": "linear warm-up steps [0]"})
     logging_steps: float = field(default=10, metadata={"help": "log the training loss every N steps [500]"})
     save_strategy: SaveStrategy | str = field(default="epoch", metadata={"help": "when to write checkpoint-N/ [steps]"})
     save_total_limit: int | None = field(default=2, metadata={"help": "keep only the newest N checkpoints [all]"})

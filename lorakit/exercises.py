@@ -37,10 +37,64 @@ def compare_tensors(name: str, got: object, expected: torch.Tensor, atol: float 
         return f"{name}: expected a tensor of shape {tuple(expected.shape)}, got {type(got).__name__}"
     if got.shape != expected.shape:
         return f"{name}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
-    diff = (got.detach().float() - expected.float()).abs().max().item()
-    if diff > atol:
-        return f"{name}: values differ by up to {diff:.3g} (tolerance {atol:g})"
-    return None
+    got, expected = got.detach().float(), expected.detach().float()
+    # isclose, not `max diff > atol`: a NaN difference compares False and would pass as a match
+    close = torch.isclose(got, expected, rtol=0.0, atol=atol, equal_nan=True)
+    if close.all():
+        return None
+    if torch.isnan(got[~close]).any():
+        return f"{name}: got NaN where a number was expected (look for 0/0, or exp of a large number)"
+    diff = (got - expected).abs()[~close].max().item()
+    return f"{name}: values differ by up to {diff:.3g} (tolerance {atol:g})"
+
+# ---- 00 start here ----
+
+
+def check_reverse_answer(fn: Callable) -> bool:
+    """Notebook 00 (warm-up): fn("reverse: abcd") must return "dcba", the reference answer of every record in
+    data/task/train.jsonl (FastChat format: the human turn asks, the gpt turn answers)."""
+    import json
+
+    from lorakit.models import TASK_DIR
+
+    lines = (TASK_DIR / "train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    wrong = []
+    for rec in records:
+        question, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        got, error = attempt(fn, question)
+        if error:
+            return verdict(False, "reverse_answer raised an error", [error])
+        if got != answer:
+            wrong.append(f"{question!r}: expected {answer!r}, got {got!r}")
+    if wrong:
+        return verdict(False, f"reverse_answer is wrong on {len(wrong)} of {len(records)} training records",
+                       wrong[:3] + ['hint: the word is what follows "reverse: "; s[::-1] reverses a string'])
+    return verdict(True, f"reverse_answer matches all {len(records)} training answers",
+                   ["this is the reference the model is graded against: exact match, character for character"])
+
+
+def check_chat_prompt(fn: Callable) -> bool:
+    """Notebook 00 (harder): fn(question) must build, as a plain string, the exact prompt the model sees before it
+    answers — what tokenizer.apply_chat_template(..., add_generation_prompt=True) renders for one user turn."""
+    from lorakit.models import load_base
+
+    _, tokenizer = load_base("tiny")
+    problems = []
+    for question in ["reverse: abc", "upper: kiwi", "", "add: 12+30"]:
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 add_generation_prompt=True, tokenize=False)
+        got, error = attempt(fn, question)
+        if error:
+            return verdict(False, "chat_prompt raised an error", [error])
+        if got != expected:
+            problems.append(f"{question!r}: expected {expected!r}, got {got!r}")
+    if problems:
+        return verdict(False, "chat_prompt does not match the tokenizer's chat template yet", problems[:3] + [
+            "hint: print(tokenizer.chat_template), or render one example with apply_chat_template(tokenize=False)"])
+    return verdict(True, "chat_prompt matches apply_chat_template on 4 questions", [
+        "the model answers after <|assistant|>; generation stops at the end-of-sequence token </s>"])
+
 
 # ---- 01 low-rank math ----
 

@@ -1,4 +1,4 @@
-"""Test-run settings shared by unit tests and the nbval notebook kernels (which inherit this environment)."""
+"""Test-run settings (root conftest, so they apply to `pytest notebooks/NN.ipynb` too) shared by unit tests and the nbval notebook kernels (which inherit this environment)."""
 
 import os
 
