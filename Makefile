@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lorakit)" >/dev/null
 	touch $(STAMP)
 
+# JupyterLab refuses to start as root (containers, CI boxes) without --allow-root.
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
