@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import torch
 
-
-def _roles(conversation: list[dict]) -> list[dict]:
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    return [{"role": roles[turn["from"]], "content": turn["value"]} for turn in conversation]
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def split_record(record: dict) -> tuple[list[dict], str]:
     """(chat messages up to the last assistant turn, that turn's reference answer) for one FastChat record."""
-    messages = _roles(record["conversations"])
+    try:
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"record {record.get('id', '?') if isinstance(record, dict) else record!r} is not a FastChat "
+                         f"conversation ({type(error).__name__}: {error}): expected {{\"conversations\": [{{\"from\": "
+                         f"one of {sorted(ROLES)}, \"value\": text}}, ...]}}; lorakit.data.load_records validates "
+                         f"files with line numbers") from None
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError(f"record {record.get('id', '?')!r} does not end with a 'gpt' turn to score against")
     return messages[:-1], messages[-1]["content"]

@@ -32,6 +32,8 @@ def test_exact_match_counts_exact_replies_only(base):
 @pytest.mark.parametrize("conversations, message", [
     ([{"from": "human", "value": "hi"}], "does not end with a 'gpt' turn"),
     ([], "does not end with a 'gpt' turn"),
+    ([{"from": "robot", "value": "hi"}], "is not a FastChat conversation"),
+    ([{"from": "human"}], "is not a FastChat conversation"),
 ])
 def test_split_record_rejects_records_without_an_answer(conversations, message):
     with pytest.raises(ValueError, match=message):
