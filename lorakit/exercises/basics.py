@@ -1,0 +1,200 @@
+"""Checks for notebooks 00 (start here), 01 (low-rank math) and 02 (NF4): two "your turn" cells each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lorakit.exercises.common import attempt, compare_tensors, verdict
+
+# ---- 00 start here ----
+
+
+def check_reverse_answer(fn: Callable) -> bool:
+    """Notebook 00 (warm-up): fn("reverse: abcd") must return "dcba", the reference answer of every record in
+    data/task/train.jsonl (FastChat format: the human turn asks, the gpt turn answers)."""
+    import json
+
+    from lorakit.models import TASK_DIR
+
+    lines = (TASK_DIR / "train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    wrong = []
+    for rec in records:
+        question, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        got, error = attempt(fn, question)
+        if error:
+            return verdict(False, "reverse_answer raised an error", [error])
+        if got != answer:
+            wrong.append(f"{question!r}: expected {answer!r}, got {got!r}")
+    if wrong:
+        return verdict(False, f"reverse_answer is wrong on {len(wrong)} of {len(records)} training records",
+                       wrong[:3] + ['hint: the word is what follows "reverse: "; s[::-1] reverses a string'])
+    return verdict(True, f"reverse_answer matches all {len(records)} training answers",
+                   ["this is the reference the model is graded against: exact match, character for character"])
+
+
+def check_chat_prompt(fn: Callable) -> bool:
+    """Notebook 00 (harder): fn(question) must build, as a plain string, the exact prompt the model sees before it
+    answers — what tokenizer.apply_chat_template(..., add_generation_prompt=True) renders for one user turn."""
+    from lorakit.models import load_base
+
+    _, tokenizer = load_base("tiny")
+    problems = []
+    for question in ["reverse: abc", "upper: kiwi", "", "add: 12+30"]:
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 add_generation_prompt=True, tokenize=False)
+        got, error = attempt(fn, question)
+        if error:
+            return verdict(False, "chat_prompt raised an error", [error])
+        if got != expected:
+            problems.append(f"{question!r}: expected {expected!r}, got {got!r}")
+    if problems:
+        return verdict(False, "chat_prompt does not match the tokenizer's chat template yet", problems[:3] + [
+            "hint: print(tokenizer.chat_template), or render one example with apply_chat_template(tokenize=False)"])
+    return verdict(True, "chat_prompt matches apply_chat_template on 4 questions", [
+        "the model answers after <|assistant|>; generation stops at the end-of-sequence token </s>"])
+
+
+# ---- 01 low-rank math ----
+
+
+def check_merged_weight(fn: Callable) -> bool:
+    """Notebook 01: fn(W0, A, B, alpha, r) must return W0 + (alpha / r) B A, the weight that makes LoRA free at
+    inference. The expected values come from lorakit.lora.LoRALinear.merge()."""
+    from torch import nn
+
+    from lorakit.lora import LoRALinear
+
+    generator = torch.Generator().manual_seed(0)
+    problems = []
+    for d_in, d_out, r, alpha in [(6, 4, 2, 4.0), (16, 8, 4, 16.0), (32, 32, 8, 8.0)]:
+        layer = LoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=alpha)
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(torch.randn(d_out, d_in, generator=generator))
+            layer.lora_A.copy_(torch.randn(r, d_in, generator=generator))
+            layer.lora_B.copy_(torch.randn(d_out, r, generator=generator))
+        w0, a, b = (t.detach().clone() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+        got, error = attempt(fn, w0, a, b, alpha, r)
+        if error:
+            return verdict(False, "merged_weight raised an error", [error])
+        untouched = all(torch.equal(x, y) for x, y in ((w0, layer.base_layer.weight), (a, layer.lora_A),
+                                                        (b, layer.lora_B)))
+        layer.merge()
+        problem = compare_tensors(f"W0 {tuple(w0.shape)}, r={r}, alpha={alpha:g}", got, layer.base_layer.weight)
+        if problem is None and not untouched:
+            problem = "your function changed W0, A or B in place: return a new tensor instead"
+        if problem:
+            problems.append(problem)
+    if problems:
+        return verdict(False, "merged_weight is not W0 + (alpha / r) B A yet", problems +
+                       ["hint: B is (d_out, r) and A is (r, d_in), so B @ A has the shape of W0"])
+    return verdict(True, "merged_weight matches LoRALinear.merge() on 3 shapes", [
+        "one (d_out, d_in) matmul at inference, exactly as cheap as the base layer"])
+
+
+
+def check_lora_from_delta(fn: Callable) -> bool:
+    """Notebook 01 (harder): fn(delta (d_out, d_in), r, alpha) -> (A (r, d_in), B (d_out, r)) such that the LoRA
+    update (alpha / r) B A is the best rank-r approximation of delta: how a LoRA is extracted from a full fine-tune.
+
+    The oracle is torch.linalg.svd: by Eckart–Young the truncated SVD U_r diag(S_r) V_rᵀ is the closest matrix of
+    rank r, unique here because the test matrices have distinct singular values.
+    """
+    details, ok = [], True
+    for d_out, d_in, r, alpha in ((64, 128, 8, 16.0), (32, 32, 4, 4.0), (48, 16, 2, 32.0)):
+        gen = torch.Generator().manual_seed(d_out + r)
+        # like the ΔW of section 2: directions of decaying strength, and a little noise everywhere
+        k = min(d_out, d_in)
+        delta = ((torch.randn(d_out, k, generator=gen) * 0.6 ** torch.arange(k)) @ torch.randn(k, d_in, generator=gen)
+                 / d_in**0.5 + 0.01 * torch.randn(d_out, d_in, generator=gen))  # (d_out, d_in)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (d_out, m), (m,), (m, d_in)
+        best = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]  # (d_out, d_in), rank r
+        got, error = attempt(fn, delta.clone(), r, alpha)
+        if error is None and not (isinstance(got, tuple | list) and len(got) == 2):
+            error = f"expected a tuple (A, B), got {type(got).__name__}"
+        if error is None:
+            A, B = got
+            for label, factor, shape in (("A", A, (r, d_in)), ("B", B, (d_out, r))):
+                if error is None and (not isinstance(factor, torch.Tensor) or tuple(factor.shape) != shape):
+                    error = compare_tensors(label, factor, torch.zeros(shape))
+            if error is None:
+                update = (alpha / r) * (B.detach().float() @ A.detach().float())  # (d_out, d_in)
+                error = compare_tensors("(alpha / r) B A", update, best, atol=1e-4 * best.abs().max().item())
+        ok &= error is None
+        left = ((delta - best).norm() / delta.norm()).item()
+        details.append(f"ΔW {(d_out, d_in)}, r={r}, alpha={alpha:g}: " + (
+            error or f"the best rank-{r} update; it misses {left:.1%} of ΔW, the Eckart–Young minimum"))
+        if error and "not written yet" in error:
+            break
+    if not ok:
+        details.append("hint: U, S, Vh = torch.linalg.svd(delta, full_matrices=False); keep the top r directions, "
+                       "and remember the layer multiplies B A by alpha / r")
+    return verdict(ok, "lora_from_delta extracts the best rank-r LoRA" if ok else "lora_from_delta needs another look",
+                   details)
+
+# ---- 02 NF4 ----
+
+def check_pack_4bit(fn: Callable) -> bool:
+    """Notebook 02: fn(codes (n,) uint8 0..15) -> (ceil(n/2), 1) uint8, high nibble first, odd n padded with code 7.
+
+    The expected bytes are bitsandbytes' own: quantize_4bit's packed output for a tensor whose codes are known.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from bitsandbytes.functional import quantize_4bit
+
+    details, ok = [], True
+    for n in (10, 7, 65):
+        w = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        expected, _ = quantize_4bit(w, quant_type="nf4")
+        codes = torch.stack([expected.reshape(-1) >> 4, expected.reshape(-1) & 0xF], dim=1).reshape(-1)[:n].clone()
+        got, error = attempt(fn, codes.clone())
+        if error is None and isinstance(got, torch.Tensor) and got.dtype != torch.uint8:
+            error = f"expected dtype torch.uint8, got {got.dtype} (build the bytes with uint8 shifts and |)"
+        error = error or compare_tensors("packed bytes", got, expected, atol=0)
+        ok &= error is None
+        details.append(f"{n} codes: " + (error or f"{expected.shape[0]} bytes, identical to bitsandbytes"))
+        if error and "not written yet" in error:
+            break
+    return verdict(ok, "pack_4bit matches bitsandbytes' layout" if ok else "pack_4bit needs another look", details)
+
+
+
+def check_nf4_roundtrip(fn: Callable) -> bool:
+    """Notebook 02 (harder): fn(w (n,) float32, blocksize) -> (n,) float32: w quantised to the nearest NF4 level on
+    a scale of one absmax per block of `blocksize` weights, then dequantised. This is what a QLoRA layer multiplies by
+    in every forward pass.
+
+    The oracle is bitsandbytes: dequantize_4bit(quantize_4bit(w, blocksize, "nf4")) without double quantisation.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    gen = torch.Generator().manual_seed(2)
+    sparse = torch.randn(192, generator=gen)
+    sparse[64:128] = 0.0  # a whole block of exact zeros (pruned or padded weights)
+    sparse[130] = 40.0  # one outlier: only its own block loses precision
+    cases = {"256 weights, blocks of 64": (torch.randn(256, generator=gen), 64),
+             "100 weights, blocks of 32 (the last block is partial)": (torch.randn(100, generator=gen), 32),
+             "a block of zeros, then one with an outlier": (sparse, 64)}
+    details, ok = [], True
+    for name, (w, blocksize) in cases.items():
+        packed, state = quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+        expected = dequantize_4bit(packed, state).reshape(-1)  # (n,)
+        got, error = attempt(fn, w.clone(), blocksize)
+        error = error or compare_tensors("dequantised weights", got, expected, atol=1e-6)
+        ok &= error is None
+        relative = ((expected - w).norm() / w.norm()).item()
+        details.append(f"{name}: " + (error or f"identical to bitsandbytes (relative error {relative:.3f})"))
+        if error and "not written yet" in error:
+            break
+    if not ok:
+        details.append("hint: pad to whole blocks, absmax = blocks.abs().amax(dim=1, keepdim=True); the nearest level "
+                       "is an argmin over |w / absmax - NF4_CODEBOOK|; a block of zeros has absmax 0 and stays 0")
+    return verdict(ok, "nf4_roundtrip matches bitsandbytes" if ok else "nf4_roundtrip differs from bitsandbytes",
+                   details)
