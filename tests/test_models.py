@@ -1,6 +1,7 @@
 """The embedded tiny model: tokenizer, recipe determinism, loading, errors, and what the base knows."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -102,3 +103,10 @@ def test_base_knows_its_skills_but_not_the_task(base):
     skills = [record(str(i), q, a) for i, (q, a) in enumerate(itertools.islice(pretraining_pairs(999), 200))]
     assert exact_match(model, tokenizer, skills) >= 0.6
     assert exact_match(model, tokenizer, read_jsonl(models.TASK_DIR / "eval.jsonl")) <= 0.10
+
+
+def test_committed_base_records_the_current_recipe():
+    """data/tiny/pretraining.json names the recipe it was built with; a changed recipe means `make base` is due."""
+    recipe = json.loads((models.TINY_DIR / "pretraining.json").read_text())["recipe"]
+    assert recipe["pretrain"] == models.PRETRAIN, "PRETRAIN changed since data/tiny was built: run make base"
+    assert recipe["skills"] == models.skill_weights(), "tasks.SKILLS changed since data/tiny was built: run make base"
