@@ -20,9 +20,6 @@ import pytest
 from lorakit.course import BEGIN, END, STUB, build_student, notebooks, strip_solutions, student_copy
 
 NOTEBOOKS = notebooks()
-# Notebooks still waiting for their second exercise; each entry names the notebook so the gap stays visible.
-ONE_EXERCISE_SO_FAR = {"01_low_rank_math", "02_nf4_4bit_loading", "03_flash_attention", "04_peft_wrapping",
-                       "05_trainer_run", "06_deepspeed_zero3_saving", "07_capstone"}
 # Names an exercise cell may use from the notebook's first cells without importing them itself.
 PREAMBLE = "import torch\nfrom pathlib import Path\n"
 
@@ -36,10 +33,7 @@ EXERCISES = [pytest.param(path, i, id=f"{path.stem}-{i}")
              for path in NOTEBOOKS for i in range(len(exercise_cells(path)))]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, id=p.stem, marks=pytest.mark.xfail(reason=f"{p.stem}: second exercise not written yet",
-                                                          strict=False) if p.stem in ONE_EXERCISE_SO_FAR else ())
-    for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_has_two_exercises(path):
     cells = exercise_cells(path)
     assert len(cells) >= 2, f"{path.name}: {len(cells)} exercise cell(s), the course asks for at least 2"
