@@ -71,6 +71,7 @@ def student_copy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         if cell.cell_type == "code":
             cell.source = strip_solutions(cell.source)
             cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)  # run timestamps: a copy should change only when the lesson does
     return nb
 
 
