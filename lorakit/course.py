@@ -34,7 +34,9 @@ def execute(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, floa
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    # the kernel warns on every start that local TCP is unencrypted; that is noise in a table of results
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                   extra_arguments=["--IPKernelApp.log_level=ERROR"]).execute()
     return nb, time.perf_counter() - start
 
 
@@ -54,7 +56,8 @@ def table(paths: list[Path]) -> int:
             _, seconds = execute(path)
             status = "ok"
         except Exception as error:  # a failing notebook is a row in the table, not the end of the run
-            seconds, status, failures = float("nan"), f"FAILED: {type(error).__name__}", failures + 1
+            last_line = (str(error).strip().splitlines() or [""])[-1][:100]  # nbclient ends with the cell's error
+            seconds, status, failures = float("nan"), f"FAILED: {type(error).__name__}: {last_line}", failures + 1
         print(f"{path.name:40s} {seconds:8.1f}  {status}", flush=True)
     return 1 if failures else 0
 

@@ -47,3 +47,14 @@ def test_code_cells_finds_marked_cells_and_names_the_notebook_when_missing(tmp_p
 def test_notebooks_are_numbered_in_order():
     names = [p.name for p in course.notebooks()]
     assert names == sorted(names) and names[0].startswith("00_")
+
+
+def test_table_reports_each_notebook_and_names_a_failure(tmp_path, capsys):
+    good, bad = tmp_path / "good.ipynb", tmp_path / "bad.ipynb"
+    for path, source in ((good, "x = 1 + 1"), (bad, "raise ValueError('broken on purpose')")):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), path)
+    assert course.table([good]) == 0
+    assert course.table([good, bad]) == 1
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-2].startswith("good.ipynb") and rows[-2].endswith("ok")
+    assert rows[-1].startswith("bad.ipynb") and "FAILED" in rows[-1] and "broken on purpose" in rows[-1], rows[-1]
