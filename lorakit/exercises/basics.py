@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten, verdict
 
 # ---- 00 start here ----
 
@@ -126,13 +126,12 @@ def check_lora_from_delta(fn: Callable) -> bool:
         left = ((delta - best).norm() / delta.norm()).item()
         details.append(f"ΔW {(d_out, d_in)}, r={r}, alpha={alpha:g}: " + (
             error or f"the best rank-{r} update; it misses {left:.1%} of ΔW, the Eckart–Young minimum"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append("hint: U, S, Vh = torch.linalg.svd(delta, full_matrices=False); keep the top r directions, "
-                       "and remember the layer multiplies B A by alpha / r")
-    return verdict(ok, "lora_from_delta extracts the best rank-r LoRA" if ok else "lora_from_delta needs another look",
-                   details)
+    return conclude(ok, details, "lora_from_delta extracts the best rank-r LoRA",
+                    "lora_from_delta needs another look",
+                    "hint: U, S, Vh = torch.linalg.svd(delta, full_matrices=False); keep the top r directions, "
+                    "and remember the layer multiplies B A by alpha / r")
 
 # ---- 02 NF4 ----
 
@@ -157,7 +156,7 @@ def check_pack_4bit(fn: Callable) -> bool:
         error = error or compare_tensors("packed bytes", got, expected, atol=0)
         ok &= error is None
         details.append(f"{n} codes: " + (error or f"{expected.shape[0]} bytes, identical to bitsandbytes"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
     return verdict(ok, "pack_4bit matches bitsandbytes' layout" if ok else "pack_4bit needs another look", details)
 
@@ -191,10 +190,9 @@ def check_nf4_roundtrip(fn: Callable) -> bool:
         ok &= error is None
         relative = ((expected - w).norm() / w.norm()).item()
         details.append(f"{name}: " + (error or f"identical to bitsandbytes (relative error {relative:.3f})"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append("hint: pad to whole blocks, absmax = blocks.abs().amax(dim=1, keepdim=True); the nearest level "
-                       "is an argmin over |w / absmax - NF4_CODEBOOK|; a block of zeros has absmax 0 and stays 0")
-    return verdict(ok, "nf4_roundtrip matches bitsandbytes" if ok else "nf4_roundtrip differs from bitsandbytes",
-                   details)
+    return conclude(ok, details, "nf4_roundtrip matches bitsandbytes",
+                    "nf4_roundtrip differs from bitsandbytes",
+                    "hint: pad to whole blocks, absmax = blocks.abs().amax(dim=1, keepdim=True); the nearest level "
+                    "is an argmin over |w / absmax - NF4_CODEBOOK|; a block of zeros has absmax 0 and stays 0")

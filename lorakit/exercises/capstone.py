@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten
 
 
 def _parse_train_flags(argv: list[str]):
@@ -64,13 +64,12 @@ def check_train_flags(fn: Callable) -> bool:
         ok &= error is None
         details.append(f"r={r}, alpha={alpha}, {'+'.join(t.replace('_proj', '') for t in targets)}"
                        f"{', QLoRA' if q_lora else ''}: " + (error or f"parsed back exactly ({len(got)} strings)"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append("hint: flags are the dataclass field names: --lora_r 8; a list takes several values "
-                       "(--lora_target_modules q_proj v_proj); a bool takes True or False; every value is a string")
-    return verdict(ok, "lorakit-train parses your flags as intended" if ok else "lorakit-train reads something else",
-                   details)
+    return conclude(ok, details, "lorakit-train parses your flags as intended",
+                    "lorakit-train reads something else",
+                    "hint: flags are the dataclass field names: --lora_r 8; a list takes several values "
+                    "(--lora_target_modules q_proj v_proj); a bool takes True or False; every value is a string")
 
 
 def check_merge_adapter(fn: Callable) -> bool:
@@ -124,10 +123,9 @@ def check_merge_adapter(fn: Callable) -> bool:
         details.append(f"r={r}, alpha={alpha}, {'+'.join(t.replace('_proj', '') for t in targets)}"
                        f"{', rsLoRA' if rslora else ''}: " + (error or f"{len(changed)} weights merged, equal to "
                                                               "peft's merge_and_unload()"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append('hint: an adapter key is "base_model.model." + <layer> + ".lora_A.weight"; the base key is '
-                       '<layer> + ".weight"; read r, lora_alpha and use_rslora from adapter_config')
-    return verdict(ok, "your merge equals peft's merge_and_unload()" if ok else "your merge differs from peft's",
-                   details)
+    return conclude(ok, details, "your merge equals peft's merge_and_unload()",
+                    "your merge differs from peft's",
+                    'hint: an adapter key is "base_model.model." + <layer> + ".lora_A.weight"; the base key is '
+                    '<layer> + ".weight"; read r, lora_alpha and use_rslora from adapter_config')

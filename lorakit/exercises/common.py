@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+NOT_WRITTEN = "not written yet"
+
 
 def verdict(ok: bool, title: str, details: list[str]) -> bool:
     print(("✅ " if ok else "❌ ") + title)
@@ -18,12 +20,22 @@ def verdict(ok: bool, title: str, details: list[str]) -> bool:
     return ok
 
 
+def conclude(ok: bool, details: list[str], passed: str, failed: str, hint: str) -> bool:
+    """The verdict of a check: `passed` or `failed` as its title, and the hint only when something is wrong."""
+    return verdict(ok, passed if ok else failed, details + ([] if ok else [hint]))
+
+
+def unwritten(error: str | None) -> bool:
+    """True while the learner's function is still the stub: further cases would only repeat the same line."""
+    return bool(error) and error.startswith(NOT_WRITTEN)
+
+
 def attempt(fn: Callable, *args, **kwargs) -> tuple[object, str | None]:
     """Call the learner's function; return (result, None) or (None, a one-line description of what went wrong)."""
     try:
         return fn(*args, **kwargs), None
     except NotImplementedError:
-        return None, "not written yet: replace the `raise NotImplementedError` line with your code"
+        return None, f"{NOT_WRITTEN}: replace the `raise NotImplementedError` line with your code"
     except Exception as error:  # any learner error becomes a verdict line, not a traceback
         where = traceback.extract_tb(error.__traceback__)[-1]
         return None, f"{type(error).__name__}: {error} (line {where.lineno})"

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten, verdict
 
 # ---- 03 attention ----
 
@@ -69,13 +69,12 @@ def check_attention_visibility(fn: Callable) -> bool:
                      f"{bool(expected[tuple(wrong)])}, got {bool(got[tuple(wrong)])}")
         ok &= error is None
         details.append(f"{name}: " + (error or f"{int(expected.sum())} visible (query, key) pairs, same as transformers"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append("hint: torch.ones(L, L, dtype=torch.bool).tril() is causality; padding_mask[:, None, None, :] "
-                       "broadcasts the real keys over heads and queries; combine the two with &")
-    return verdict(ok, "your mask is the one transformers builds" if ok else "your mask differs from transformers'",
-                   details)
+    return conclude(ok, details, "your mask is the one transformers builds",
+                    "your mask differs from transformers'",
+                    "hint: torch.ones(L, L, dtype=torch.bool).tril() is causality; padding_mask[:, None, None, :] "
+                    "broadcasts the real keys over heads and queries; combine the two with &")
 
 # ---- 04 PEFT wrapping ----
 
@@ -104,7 +103,7 @@ def check_lora_parameter_count(fn: Callable) -> bool:
             error = f"expected {expected:,}, got {got!r} (each layer adds r x (in_features + out_features))"
         ok &= error is None
         details.append(f"r={r}, {'+'.join(t.replace('_proj', '') for t in targets)}: " + (error or f"{expected:,}"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
     return verdict(ok, "your count matches peft's" if ok else "the count differs from peft's", details)
 
@@ -141,10 +140,9 @@ def check_is_lora_target(fn: Callable) -> bool:
         ok &= error is None
         details.append(f"target_modules={targets!r}: " + (error or f"{len(expected)} module(s) adapted" + (
             " (peft would raise: nothing matches)" if not expected else "")))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append('hint: a list entry matches name == entry or name.endswith("." + entry); a string is '
-                       "re.fullmatch(target_modules, name)")
-    return verdict(ok, "you match module names exactly as peft does" if ok else "your matching differs from peft's",
-                   details)
+    return conclude(ok, details, "you match module names exactly as peft does",
+                    "your matching differs from peft's",
+                    'hint: a list entry matches name == entry or name.endswith("." + entry); a string is '
+                    "re.fullmatch(target_modules, name)")

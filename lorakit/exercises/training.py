@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten, verdict
 
 # ---- 05 Trainer run ----
 
@@ -38,7 +38,7 @@ def check_last_checkpoint(fn: Callable) -> bool:
                 error = f"expected {expected and Path(expected).name}, got {got and Path(str(got)).name}"
         ok &= error is None
         details.append(f"{name}: " + (error or f"{expected and Path(expected).name}"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
     return verdict(ok, "you pick the checkpoint the Trainer would resume from" if ok else "not the checkpoint the "
                    "Trainer would pick", details)
@@ -89,13 +89,12 @@ def check_label_conversation(fn: Callable) -> bool:
         ok &= error is None
         learned = sum(label != IGNORE_INDEX for label in expected_labels)
         details.append(f"{name}: " + (error or f"{learned} of {len(expected_ids)} tokens carry a label"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append("hint: for assistant turn k, the prompt is apply_chat_template(messages[:k], "
-                       "add_generation_prompt=True, tokenize=False); the reply is what messages[:k + 1] adds to it")
-    return verdict(ok, "your labels match lorakit.data, turn by turn" if ok else "your labels differ from lorakit.data",
-                   details)
+    return conclude(ok, details, "your labels match lorakit.data, turn by turn",
+                    "your labels differ from lorakit.data",
+                    "hint: for assistant turn k, the prompt is apply_chat_template(messages[:k], "
+                    "add_generation_prompt=True, tokenize=False); the reply is what messages[:k + 1] adds to it")
 
 # ---- 06 ZeRO-3 ----
 
@@ -128,10 +127,9 @@ def check_adapter_names(fn: Callable) -> bool:
                 details.append(f"bias={bias!r}: missing {len(expected - got)}, e.g. {short(expected - got)}")
             if got - expected:
                 details.append(f"bias={bias!r}: {len(got - expected)} too many, e.g. {short(got - expected)}")
-    if not ok:
-        details.append("hint: current peft keeps a wrapped layer's bias at <layer>.base_layer.bias")
-    return verdict(ok, "adapter names match peft for every bias mode" if ok else "adapter names differ from peft",
-                   details)
+    return conclude(ok, details, "adapter names match peft for every bias mode",
+                    "adapter names differ from peft",
+                    "hint: current peft keeps a wrapped layer's bias at <layer>.base_layer.bias")
 
 
 def _deepspeed_partition_numel(numel: int, world_size: int) -> int:
@@ -182,10 +180,9 @@ def check_zero3_shard(fn: Callable) -> bool:
         padding = size * world_size - param.numel()
         details.append(f"{tuple(shape)} on {world_size} ranks: " + (
             error or f"{size} element(s) per rank, {padding} padding element(s) at the end"))
-        if error and "not written yet" in error:
+        if unwritten(error):
             break
-    if not ok:
-        details.append("hint: s = -(-numel // world_size) (ceil); pad the flattened parameter with zeros to "
-                       "s * world_size elements, then take [rank * s, (rank + 1) * s)")
-    return verdict(ok, "your shards are the ones DeepSpeed keeps" if ok else "your shards differ from DeepSpeed's",
-                   details)
+    return conclude(ok, details, "your shards are the ones DeepSpeed keeps",
+                    "your shards differ from DeepSpeed's",
+                    "hint: s = -(-numel // world_size) (ceil); pad the flattened parameter with zeros to "
+                    "s * world_size elements, then take [rank * s, (rank + 1) * s)")
