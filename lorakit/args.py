@@ -80,7 +80,21 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "DDP searches for parameters without gradient each step; LoRA has none [None: True for models]"})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "pin batches in page-locked memory (GPU only) [True]"})
 
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start a fresh run in an --output_dir that holds other files or another run's settings; files of the "
+                "same name are overwritten, nothing else is deleted [refuse]"})
+
     def __post_init__(self):
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"--num_train_epochs {self.num_train_epochs:g} trains no step; pass a positive number "
+                             "(default 50) or --max_steps N")
+        if (self.bf16 or self.fp16) and not torch.cuda.is_available():
+            # transformers would raise "assign use_cpu"; mixed precision is a GPU feature in this course
+            flag = "--bf16" if self.bf16 else "--fp16"
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"[lorakit-train] {flag} True needs a CUDA GPU; none is visible, so training runs in fp32",
+                      flush=True)
+            self.bf16 = self.fp16 = False
         if self.model_max_length < 2:
             raise ValueError(f"--model_max_length {self.model_max_length} is too small: a prompt and a reply need at "
                              "least 2 tokens; the seed uses 512")

@@ -66,12 +66,22 @@ def maybe_init_cpu_distributed(deepspeed_config: str | os.PathLike | dict | None
         return
     defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": os.environ.get("LORAKIT_MASTER_PORT", "29511")}
+    single = "WORLD_SIZE" not in os.environ  # no launcher: this process hosts the rendezvous itself
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    if single and not port_is_free(int(os.environ["MASTER_PORT"])):
+        raise OSError(f"port {os.environ['MASTER_PORT']} (MASTER_PORT) is in use, perhaps by another run; set "
+                      "LORAKIT_MASTER_PORT (or MASTER_PORT) to a free port")
     import deepspeed
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on host:port (a rendezvous there would fail or hang)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex((host, port)) != 0
 
 
 def is_zero3_partitioned(model: torch.nn.Module) -> bool:
