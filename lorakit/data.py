@@ -3,6 +3,7 @@
     from lorakit.data import load_records, make_supervised_data_module
     records = load_records("data/task/train.jsonl")         # validated; a DataError names file:line and the fix
     module = make_supervised_data_module(tokenizer, data_args)   # {train_dataset, eval_dataset, data_collator}
+    for line in data_report(module["train_dataset"]): print(line)  # truncation, nothing to learn, unknown chars
 
 A record (FastChat / ShareGPT style), one per line in .jsonl or a list in .json:
     {"id": "reverse-0", "conversations": [{"from": "human", "value": "reverse: dacz"}, {"from": "gpt", "value": "zcad"}]}
@@ -32,8 +33,12 @@ class DataError(ValueError):
     """A data file or record that cannot be used; the message names file:line (or record index) and the fix."""
 
 
-def check_record(record: object, where: str) -> list[dict]:
-    """Validate one record and return its turns as chat messages [{"role", "content"}]; DataError otherwise."""
+def check_record(record: object, where: str, for_eval: bool = False) -> list[dict]:
+    """Validate one record and return its turns as chat messages [{"role", "content"}]; DataError otherwise.
+
+    Args: where names the record in errors ("data/train.jsonl:7"); for_eval also requires the last turn to be the
+    "gpt" answer, which exact match scores the reply to everything before it against.
+    """
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object like {EXAMPLE}, got {type(record).__name__}")
     turns = record.get("conversations")
@@ -65,13 +70,26 @@ def check_record(record: object, where: str) -> list[dict]:
                             f"{i + len(messages) - len(dialogue)} breaks it; merge consecutive turns of one speaker")
     if len(dialogue) < 2:
         raise DataError(f"{where}: no \"gpt\" reply to learn from; add the answer turn or drop the record")
+    if for_eval and dialogue[-1]["role"] != "assistant":
+        raise DataError(f"{where}: an evaluation record must end with its \"gpt\" answer (exact match scores the reply "
+                        "to everything before it), but its last turn is from \"human\"; add the answer or drop the "
+                        "trailing turn")
     return messages
 
 
-def load_records(path: str | Path) -> list[dict]:
+def load_records(path: str | Path, for_eval: bool = False) -> list[dict]:
     """Read and validate FastChat records from .jsonl (one per line, blank lines allowed) or .json (a list).
 
-    Raises DataError naming path:line (.jsonl) or path record N (.json) and what to do for any problem.
+    Raises DataError naming path:line (.jsonl) or path record N (.json) and what to do for any problem; with for_eval
+    (a file scored by exact match) also for a record that does not end with its "gpt" answer.
+    """
+    return load_records_with_locations(path, for_eval)[0]
+
+
+def load_records_with_locations(path: str | Path, for_eval: bool = False) -> tuple[list[dict], list[str]]:
+    """(records, where each is: "path:line" for .jsonl, "path record N" for .json), validated as by load_records.
+
+    Later checks (tokenisation, data_report) name a record's line from these: blank lines make its index no guide.
     """
     path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
@@ -84,6 +102,7 @@ def load_records(path: str | Path) -> list[dict]:
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
     records: list[dict] = []
+    locations: list[str] = []
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -93,8 +112,9 @@ def load_records(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}: not JSON ({error.msg} at column {error.colno}); each line must be "
                                 f"one record like {EXAMPLE}") from None
-            check_record(record, f"{path}:{number}")
+            check_record(record, f"{path}:{number}", for_eval)
             records.append(record)
+            locations.append(f"{path}:{number}")
     else:
         try:
             data = json.loads(text) if text.strip() else []
@@ -104,12 +124,13 @@ def load_records(path: str | Path) -> list[dict]:
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold a list of records, got {type(data).__name__}; "
                             "wrap the records in [ ... ] or use .jsonl")
-        for index, record in enumerate(data):
-            check_record(record, f"{path} record {index}")
+        locations = [f"{path} record {index}" for index in range(len(data))]
+        for record, where in zip(data, locations, strict=True):
+            check_record(record, where, for_eval)
         records = data
     if not records:
         raise DataError(f"{path}: no records; the file is empty. Add records like {EXAMPLE}")
-    return records
+    return records, locations
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -147,8 +168,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
     for (start, end), is_reply in zip(zip(cuts[:-1], cuts[1:], strict=True), spans, strict=True):
         if start == end:
             continue
-        # each piece is tokenised alone, as at inference: the prompt is encoded, then the reply is generated after it
-        ids = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
+        # each piece is tokenised alone, as at inference: the prompt is encoded, then the reply is generated after it;
+        # verbose=False: transformers' "longer than the maximum" warning is noise, truncation is counted and reported
+        ids = tokenizer(full[start:end], add_special_tokens=False, verbose=False)["input_ids"]
         input_ids += ids
         labels += ids if is_reply else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > max_length
@@ -160,41 +182,90 @@ def _tensors(ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones(len(ids), dtype=torch.long)}
 
 
-class SupervisedDataset(Dataset):
-    """All records tokenised up front; `truncated` counts records cut to max_length."""
+class _CheckedDataset(Dataset):
+    """Tokenises record i through _tokenise, which refuses a reply the tokenizer cannot spell and counts, among the
+    records tokenised so far (`seen`), those truncated, those left with no label, and those with unknown reply tokens.
+    """
 
-    def __init__(self, records: list[dict], tokenizer, max_length: int, source: str = "records"):
-        self.items, self.truncated = [], 0
-        for index, record in enumerate(records):
-            ids, labels, cut = tokenize_conversation(tokenizer, check_record(record, f"{source} record {index}"),
-                                                     max_length)
-            self.items.append(_tensors(ids, labels))
-            self.truncated += cut
+    def __init__(self, records: list[dict], tokenizer, max_length: int, source: str = "records",
+                 locations: list[str] | None = None):
+        if locations is not None and len(locations) != len(records):
+            raise ValueError(f"{len(locations)} locations for {len(records)} records; pass one per record (as "
+                             "load_records_with_locations returns them) or None")
+        self.records, self.tokenizer, self.max_length, self.source = records, tokenizer, max_length, source
+        self.locations = locations
+        self.seen = self.truncated = self.no_labels = self.unknown = 0
+        self.first: dict[str, str] = {}  # "truncated" / "no_labels" / "unknown" -> where the first such record is
+        self.unknown_chars: list[str] = []  # what became the unknown token in the first record with unknown tokens
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
+
+    def where(self, i: int) -> str:
+        """"file:line" of record i when the locations are known, else "source record i"."""
+        return self.locations[i] if self.locations else f"{self.source} record {i}"
+
+    def _tokenise(self, i: int) -> dict[str, torch.Tensor]:
+        where = self.where(i)
+        messages = check_record(self.records[i], where)
+        ids, labels, cut = tokenize_conversation(self.tokenizer, messages, self.max_length)
+        share = unknown_share(self.tokenizer, labels)
+        chars = unknown_characters(self.tokenizer, messages) if share else []
+        if share > 0.5:
+            unk = self.tokenizer.unk_token
+            raise DataError(f"{where}: {share:.0%} of a reply's tokens are the unknown token {unk!r} (from "
+                            f"{_show(chars)}), so the model would learn to answer {unk!r}; this tokenizer cannot "
+                            "spell these characters; remove them or use a model whose tokenizer covers them")
+        empty = all(label == IGNORE_INDEX for label in labels)
+        self.seen += 1
+        self.truncated += cut
+        self.no_labels += empty
+        self.unknown += share > 0
+        for kind, hit in (("truncated", cut), ("no_labels", empty), ("unknown", share > 0)):
+            if hit:
+                self.first.setdefault(kind, where)
+        self.unknown_chars = self.unknown_chars or chars
+        return _tensors(ids, labels)
+
+
+class SupervisedDataset(_CheckedDataset):
+    """All records tokenised up front, so data_report covers them all; DataError if no record has a label left.
+
+    Args (both datasets): records, a tokenizer with a chat template, max_length in tokens, source (the file, for
+    messages) and locations ("file:line" per record, from load_records_with_locations; else "source record i").
+    """
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int, source: str = "records",
+                 locations: list[str] | None = None):
+        super().__init__(records, tokenizer, max_length, source, locations)
+        self.items = [self._tokenise(i) for i in range(len(records))]
+        if self.items and self.no_labels == len(self.items):
+            # every label is IGNORE_INDEX: the loss is 0 (or undefined), the gradient 0, and the run would look fine
+            raise DataError(f"{source}: none of its {len(self.items)} records has a reply token left after truncation "
+                            f"to --model_max_length {max_length} (first: {self.first['no_labels']}), so every label "
+                            "is ignored and there is nothing to learn or measure; raise --model_max_length or shorten "
+                            "the prompts")
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.items[i]
 
 
-class LazySupervisedDataset(Dataset):
-    """Records tokenised on first access and cached (--lazy_preprocess): start-up cost independent of data size."""
+class LazySupervisedDataset(_CheckedDataset):
+    """Records tokenised on first access and cached (--lazy_preprocess): start-up cost independent of data size.
 
-    def __init__(self, records: list[dict], tokenizer, max_length: int, source: str = "records"):
-        self.records, self.tokenizer, self.max_length, self.source = records, tokenizer, max_length, source
+    A reply the tokenizer cannot spell raises DataError when its record is first read, i.e. during training; the
+    counters cover only the records read so far in this process (DataLoader workers count in their own copies), so
+    the up-front data_report, and the refusal of a file with nothing to learn, need SupervisedDataset.
+    """
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int, source: str = "records",
+                 locations: list[str] | None = None):
+        super().__init__(records, tokenizer, max_length, source, locations)
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
-        self.truncated = 0  # among the records tokenised so far
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if i not in self.cache:
-            messages = check_record(self.records[i], f"{self.source} record {i}")
-            ids, labels, cut = tokenize_conversation(self.tokenizer, messages, self.max_length)
-            self.cache[i] = _tensors(ids, labels)
-            self.truncated += cut
+            self.cache[i] = self._tokenise(i)
         return self.cache[i]
 
 
@@ -245,10 +316,72 @@ def make_supervised_data_module(tokenizer, data_args) -> dict:
     ensure_pad_token(tokenizer)
     dataset_cls = LazySupervisedDataset if data_args.lazy_preprocess else SupervisedDataset
     max_length = tokenizer.model_max_length
-    train = dataset_cls(load_records(data_args.data_path), tokenizer, max_length, str(data_args.data_path))
-    evaluation = None
-    if data_args.eval_data_path:
-        evaluation = dataset_cls(load_records(data_args.eval_data_path), tokenizer, max_length,
-                                 str(data_args.eval_data_path))
+
+    def dataset(path: str | Path, for_eval: bool) -> Dataset:
+        records, locations = load_records_with_locations(path, for_eval)
+        return dataset_cls(records, tokenizer, max_length, str(path), locations)
+
+    train = dataset(data_args.data_path, for_eval=False)
+    # for_eval: the CLI scores this file by exact match after training, so a record it cannot score is refused now
+    evaluation = dataset(data_args.eval_data_path, for_eval=True) if data_args.eval_data_path else None
     return {"train_dataset": train, "eval_dataset": evaluation,
             "data_collator": DataCollator(pad_token_id=tokenizer.pad_token_id)}
+
+
+# --- Checks and the report: what the tokenised records say about the run (the CLI prints data_report's lines) ---
+
+def unknown_share(tokenizer, labels: list[int]) -> float:
+    """Largest fraction of unknown tokens among the text tokens of any one reply in labels (T,), each maximal run of
+    non-IGNORE_INDEX labels being one reply; 0.0 for tokenizers without an unk token (byte-level ones spell anything).
+    """
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return 0.0
+    special = set(tokenizer.all_special_ids) - {unk}  # the end-of-turn token is no part of what the reply says
+    worst, reply = 0.0, []
+    for label in [*labels, IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            reply += [label] if label not in special else []
+        elif reply:
+            worst, reply = max(worst, reply.count(unk) / len(reply)), []
+    return worst
+
+
+def unknown_characters(tokenizer, messages: list[dict]) -> list[str]:
+    """The characters of the assistant replies that the tokenizer encodes, on their own, as its unknown token."""
+    text = "".join(m["content"] for m in messages if m["role"] == "assistant")
+    return [c for c in dict.fromkeys(text)
+            if tokenizer.unk_token_id in tokenizer(c, add_special_tokens=False)["input_ids"]]
+
+
+def _show(chars: list[str]) -> str:
+    # repr makes invisible characters (zero-width spaces, control characters) visible in a one-line message
+    shown = " ".join(repr(c) for c in chars[:8]) + (f" and {len(chars) - 8} more" if len(chars) > 8 else "")
+    return f"characters {shown}" if chars else "whole words"
+
+
+def data_report(dataset: Dataset) -> list[str]:
+    """One warning line per thing in the data a run should know about ([] when none): records truncated, records left
+    with nothing to learn, replies with characters the tokenizer cannot spell.
+
+    A SupervisedDataset has tokenised every record, so its report is complete before training; a LazySupervisedDataset
+    (--lazy_preprocess) covers only the records read so far: none before training starts. Other datasets get [].
+    """
+    if not isinstance(dataset, _CheckedDataset):
+        return []
+    d, first = dataset, dataset.first
+    counted = f"{d.seen} records" + (" read so far" if isinstance(d, LazySupervisedDataset) else "")
+    lines = []
+    if d.truncated:
+        lines.append(f"{d.source}: {d.truncated} of {counted} are longer than --model_max_length {d.max_length} tokens "
+                     f"and were truncated (first: {first['truncated']}); raise --model_max_length or shorten them")
+    if d.no_labels:
+        lines.append(f"{d.source}: {d.no_labels} of {counted} have no reply tokens left after truncation to "
+                     f"--model_max_length {d.max_length} (first: {first['no_labels']}), so they train on nothing; "
+                     "raise --model_max_length or shorten their prompts")
+    if d.unknown:
+        unk = d.tokenizer.unk_token
+        lines.append(f"{d.source}: {d.unknown} of {counted} have replies the tokenizer cannot spell (first: "
+                     f"{first['unknown']}, {_show(d.unknown_chars)}); they become {unk!r}, which the model then learns "
+                     "to say; remove them or use a model whose tokenizer covers them")
+    return lines

@@ -11,17 +11,29 @@ import torch
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def split_record(record: dict) -> tuple[list[dict], str]:
-    """(chat messages up to the last assistant turn, that turn's reference answer) for one FastChat record."""
+def split_record(record: dict, where: str = "") -> tuple[list[dict], str]:
+    """(chat messages up to the last assistant turn, that turn's reference answer) for one FastChat record.
+
+    Args:
+        record: {"conversations": [{"from", "value"}, ...]} with a question and ending with the "gpt" answer.
+        where: names the record in a ValueError, e.g. "data/eval.jsonl:7" (lorakit.data.load_records_with_locations
+            gives one per record); default: the record's id.
+    """
+    name = where or f"record {record.get('id', '?') if isinstance(record, dict) else record!r:.80}"
     try:
-        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
+        turns = record["conversations"]
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
     except (KeyError, TypeError) as error:
-        raise ValueError(f"record {record.get('id', '?') if isinstance(record, dict) else record!r} is not a FastChat "
-                         f"conversation ({type(error).__name__}: {error}): expected {{\"conversations\": [{{\"from\": "
-                         f"one of {sorted(ROLES)}, \"value\": text}}, ...]}}; lorakit.data.load_records validates "
-                         f"files with line numbers") from None
+        raise ValueError(f"{name} is not a FastChat conversation ({type(error).__name__}: {error}): expected "
+                         f"{{\"conversations\": [{{\"from\": one of {sorted(ROLES)}, \"value\": text}}, ...]}}; "
+                         "lorakit.data.load_records validates files with line numbers") from None
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError(f"record {record.get('id', '?')!r} does not end with a 'gpt' turn to score against")
+        last = f"last turn from {turns[-1]['from']!r}" if messages else "no turns"
+        raise ValueError(f"{name} does not end with a 'gpt' turn to score against ({last}); end each evaluation record "
+                         "with its \"gpt\" answer, or drop the trailing turn")
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        raise ValueError(f"{name} has no \"human\" question before its 'gpt' answer, so there is no prompt to "
+                         "generate from; add the question or drop the record")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -52,16 +64,26 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     return replies
 
 
-def predictions(model, tokenizer, records: list[dict], max_new_tokens: int = 16) -> list[tuple[str, str, str]]:
-    """(question, reference, prediction) for each record."""
-    prompts, references = zip(*(split_record(r) for r in records), strict=True)
+def predictions(model, tokenizer, records: list[dict], max_new_tokens: int = 16,
+                locations: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """(question, reference, prediction) for each record; locations ("file:line" per record) name bad records."""
+    if locations is not None and len(locations) != len(records):
+        raise ValueError(f"{len(locations)} locations for {len(records)} records; pass one per record or None")
+    where = locations or [""] * len(records)
+    prompts, references = zip(*(split_record(r, w) for r, w in zip(records, where, strict=True)), strict=True)
     replies = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
     return [(p[-1]["content"], ref, rep) for p, ref, rep in zip(prompts, references, replies, strict=True)]
 
 
-def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16) -> float:
-    """Fraction of records whose greedy reply equals the reference answer exactly (after stripping whitespace)."""
+def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16,
+                locations: list[str] | None = None) -> float:
+    """Fraction of records whose greedy reply equals the reference answer exactly (after stripping whitespace).
+
+    Args:
+        records: FastChat records, each ending with its "gpt" reference answer.
+        locations: optional "file:line" per record (lorakit.data.load_records_with_locations), for error messages.
+    """
     if not records:
         raise ValueError("exact_match needs at least one record")
-    rows = predictions(model, tokenizer, records, max_new_tokens)
+    rows = predictions(model, tokenizer, records, max_new_tokens, locations)
     return sum(ref.strip() == pred for _, ref, pred in rows) / len(rows)

@@ -17,10 +17,13 @@ from lorakit.data import (
     LazySupervisedDataset,
     SupervisedDataset,
     check_record,
+    data_report,
     ensure_pad_token,
     load_records,
+    load_records_with_locations,
     make_supervised_data_module,
     tokenize_conversation,
+    unknown_share,
 )
 from lorakit.models import TASK_DIR, encode_pair, load_base
 
@@ -176,3 +179,147 @@ def test_make_supervised_data_module(tokenizer):
     assert len(module["train_dataset"]) == 600 and module["eval_dataset"] is None
     batch = module["data_collator"]([module["train_dataset"][i] for i in range(4)])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+
+
+def test_locations_name_the_line_despite_blank_lines(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", ["", json.dumps(GOOD), "", "", json.dumps(GOOD)])
+    records, locations = load_records_with_locations(path)
+    assert records == [GOOD, GOOD] and locations == [f"{path}:2", f"{path}:5"]
+    (tmp_path / "train.json").write_text(json.dumps([GOOD, GOOD], indent=2))
+    assert load_records_with_locations(tmp_path / "train.json")[1] == [f"{tmp_path / 'train.json'} record {i}"
+                                                                       for i in (0, 1)]
+
+
+TRAILING_HUMAN = conv(("human", "q"), ("gpt", "a"), ("human", "and then?"))
+
+
+@pytest.mark.parametrize("suffix, where", [(".jsonl", ":3"), (".json", " record 1")])
+@pytest.mark.parametrize("load", [
+    lambda path, _: load_records(path, for_eval=True),
+    lambda path, _: load_records_with_locations(path, for_eval=True),
+    lambda path, tokenizer: make_supervised_data_module(tokenizer, SimpleNamespace(
+        data_path=TASK_DIR / "train.jsonl", eval_data_path=path, lazy_preprocess=False)),
+], ids=["load_records", "with_locations", "data_module"])
+def test_eval_record_without_final_answer_is_refused_with_its_line(tmp_path, tokenizer, suffix, where, load):
+    path = tmp_path / f"eval{suffix}"
+    if suffix == ".jsonl":
+        write_lines(path, [json.dumps(GOOD), "", json.dumps(TRAILING_HUMAN)])
+    else:
+        path.write_text(json.dumps([GOOD, TRAILING_HUMAN]))
+    assert len(load_records(path)) == 2  # as training data the trailing question is harmless: it gets no labels
+    with pytest.raises(DataError) as error:
+        load(path, tokenizer)
+    assert str(error.value).startswith(f"{path}{where}: an evaluation record must end with its \"gpt\" answer")
+    assert 'its last turn is from "human"; add the answer or drop the trailing turn' in str(error.value)
+
+
+def crafted(tmp_path, tokenizer, bad: list[dict], max_length: int, lazy: bool = False):
+    """A dataset of GOOD, a blank line, then the bad records from line 3 on, read in full (lazy ones too)."""
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), ""] + [json.dumps(r) for r in bad])
+    records, locations = load_records_with_locations(path)
+    dataset = (LazySupervisedDataset if lazy else SupervisedDataset)(records, tokenizer, max_length, str(path),
+                                                                      locations)
+    for i in range(len(dataset)):
+        dataset[i]  # a lazy dataset tokenises (and refuses) on access
+    return path, dataset
+
+
+# (the record on line 3, max_length, "error" / "warning" / None, what the DataError or a report line says; {loc} is
+# the record's file:line)
+CHECKS = [
+    (conv(("human", "reverse: abc"), ("gpt", "ab中x")), 64, "warning",
+     "have replies the tokenizer cannot spell (first: {loc}, characters '中'); they become '<unk>'"),
+    (conv(("human", "q"), ("gpt", "中x")), 64, "warning", "(first: {loc}, characters '中')"),  # 50% is not "mostly"
+    (conv(("human", "q"), ("gpt", "中文x")), 64, "error",
+     "{loc}: 67% of a reply's tokens are the unknown token '<unk>' (from characters '中' '文'), so the model would "
+     "learn to answer '<unk>'; this tokenizer cannot spell these characters; remove them or use a model whose "
+     "tokenizer covers them"),
+    (conv(("human", "q1"), ("gpt", "fine"), ("human", "q2"), ("gpt", "😀😀")), 64, "error",
+     "{loc}: 100% of a reply's tokens"),  # judged per reply: the record as a whole is only 1/3 unknown
+    (conv(("system", "中文"), ("human", "中文?"), ("gpt", "ok")), 64, None, ""),  # unknowns in prompts teach nothing
+    (conv(("human", "reverse: " + "x" * 60), ("gpt", "x")), 32, "warning",
+     "have no reply tokens left after truncation to --model_max_length 32 (first: {loc}), so they train on nothing; "
+     "raise --model_max_length or shorten their prompts"),
+    (conv(("human", "q"), ("gpt", "y" * 60)), 32, "warning",
+     "are longer than --model_max_length 32 tokens and were truncated (first: {loc}); raise --model_max_length or "
+     "shorten them"),
+]
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("bad, max_length, kind, says", CHECKS, ids=[f"{c[2]}-{i}" for i, c in enumerate(CHECKS)])
+def test_checks_name_the_record_line(tmp_path, tokenizer, lazy, bad, max_length, kind, says):
+    loc = f"{tmp_path / 'train.jsonl'}:3"
+    if kind == "error":
+        with pytest.raises(DataError) as error:
+            crafted(tmp_path, tokenizer, [bad, GOOD], max_length, lazy)
+        assert says.format(loc=loc) in str(error.value)
+        return
+    _, dataset = crafted(tmp_path, tokenizer, [bad, GOOD], max_length, lazy)
+    report = data_report(dataset)
+    assert report == [] if kind is None else any(says.format(loc=loc) in line for line in report), report
+
+
+def test_counts_and_report_on_a_crafted_file(tmp_path, tokenizer):
+    long_reply, long_prompt = conv(("human", "q"), ("gpt", "y" * 60)), conv(("human", "p" * 40), ("gpt", "x"))
+    bad = [long_reply, long_prompt, conv(("human", "q"), ("gpt", "ab中x")), GOOD, conv(("human", "q"), ("gpt", "😀x")),
+           long_prompt]  # lines 3..8
+    path, dataset = crafted(tmp_path, tokenizer, bad, max_length=32)
+    assert (len(dataset), dataset.seen, dataset.truncated, dataset.no_labels, dataset.unknown) == (7, 7, 3, 2, 2)
+    assert dataset.first == {"truncated": f"{path}:3", "no_labels": f"{path}:4", "unknown": f"{path}:5"}
+    assert dataset.unknown_chars == ["中"] and dataset.where(1) == f"{path}:3"
+    assert (dataset[2]["labels"] == IGNORE_INDEX).all()  # the premise: such a record adds 0 to loss and gradient
+    assert data_report(dataset) == [
+        f"{path}: 3 of 7 records are longer than --model_max_length 32 tokens and were truncated (first: {path}:3); "
+        "raise --model_max_length or shorten them",
+        f"{path}: 2 of 7 records have no reply tokens left after truncation to --model_max_length 32 (first: "
+        f"{path}:4), so they train on nothing; raise --model_max_length or shorten their prompts",
+        f"{path}: 2 of 7 records have replies the tokenizer cannot spell (first: {path}:5, characters '中'); they "
+        "become '<unk>', which the model then learns to say; remove them or use a model whose tokenizer covers them"]
+
+
+def test_lazy_report_counts_only_what_was_read(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(conv(("human", "q"), ("gpt", "ab中x")))] * 4)
+    dataset = LazySupervisedDataset(load_records(path), tokenizer, 64, str(path))  # no locations: "record i"
+    assert data_report(dataset) == []  # nothing read yet: the up-front report needs SupervisedDataset
+    dataset[1]
+    assert data_report(dataset) == [f"{path}: 1 of 1 records read so far have replies the tokenizer cannot spell "
+                                    f"(first: {path} record 1, characters '中'); they become '<unk>', which the "
+                                    "model then learns to say; remove them or use a model whose tokenizer covers them"]
+
+
+def test_nothing_left_to_learn_is_refused(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "train.jsonl", ["", *[json.dumps(conv(("human", "p" * 40), ("gpt", "x")))] * 2])
+    records, locations = load_records_with_locations(path)
+    with pytest.raises(DataError) as error:
+        SupervisedDataset(records, tokenizer, 32, str(path), locations)
+    assert str(error.value) == (f"{path}: none of its 2 records has a reply token left after truncation to "
+                                f"--model_max_length 32 (first: {path}:2), so every label is ignored and there is "
+                                "nothing to learn or measure; raise --model_max_length or shorten the prompts")
+    assert SupervisedDataset(records, tokenizer, 64, str(path), locations).no_labels == 0
+    with pytest.raises(ValueError, match="1 locations for 2 records"):
+        SupervisedDataset(records, tokenizer, 64, str(path), locations[:1])
+
+
+@pytest.mark.parametrize("labels, share", [
+    ([IGNORE_INDEX, 7, 8, 2], 0.0),
+    ([IGNORE_INDEX, 3, 8, 2], 0.5),  # the end-of-turn token (2, special) is no part of the reply's text
+    ([IGNORE_INDEX, 3, 3, 8, 2, IGNORE_INDEX, 7, 7, 7, 7, 2], 2 / 3),  # the worst reply, not the average
+    ([IGNORE_INDEX, 3, 2], 1.0),
+    ([IGNORE_INDEX, IGNORE_INDEX], 0.0),
+])
+def test_unknown_share(labels, share):
+    assert unknown_share(SimpleNamespace(unk_token_id=3, all_special_ids=[1, 2, 3]), labels) == pytest.approx(share)
+    assert unknown_share(SimpleNamespace(unk_token_id=None, all_special_ids=[1, 2]), labels) == 0.0
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_task_data_gives_no_warnings(tokenizer, lazy):
+    args = SimpleNamespace(data_path=TASK_DIR / "train.jsonl", eval_data_path=TASK_DIR / "eval.jsonl",
+                           lazy_preprocess=lazy)
+    module = make_supervised_data_module(tokenizer, args)
+    for dataset in (module["train_dataset"], module["eval_dataset"]):
+        for i in range(len(dataset)):
+            dataset[i]
+        assert data_report(dataset) == [] and dataset.seen == len(dataset) in (600, 100)
+        assert (dataset.truncated, dataset.no_labels, dataset.unknown, dataset.first) == (0, 0, 0, {})
