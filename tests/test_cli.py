@@ -37,6 +37,8 @@ def files(tmp_path_factory) -> Path:
     (folder / "eval.jsonl").write_text("".join(task["eval"][:8]))
     (folder / "broken.jsonl").write_text(task["train"][0] + '{"conversations": [\n')
     (folder / "human_last.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    (folder / "emoji.jsonl").write_text(task["train"][0] + json.dumps({"conversations": [
+        {"from": "human", "value": "reverse: abc"}, {"from": "gpt", "value": "\U0001f600\U0001f600\U0001f600"}]}) + "\n")
     (folder / "bad_ds.json").write_text('{\n  "zero_optimization": {"stage": 3},\n  "train_batch_size" 8\n}\n')
     (folder / "config_only").mkdir()
     shutil.copy(ROOT / "data" / "tiny" / "config.json", folder / "config_only")
@@ -69,6 +71,8 @@ BAD_INPUTS = [
     (["--data_path", "{f}/train.csv"], "is neither .jsonl nor .json"),
     (["--data_path", "{f}/broken.jsonl"], "broken.jsonl:2:"),
     (["--eval_data_path", "{f}/human_last.jsonl"], "human_last.jsonl:1"),
+    (["--data_path", "{f}/emoji.jsonl"], "emoji.jsonl:2: 100% of a reply's tokens are the unknown token"),
+    (["--model_max_length", "8"], "none of its 32 records has a reply token left after truncation"),
     (["--model_name_or_path", "llama"], "'llama' is not a directory and not a known name (tiny, smollm2)"),
     (["--model_name_or_path", "{f}/config_only"], "no usable tokenizer"),
     (["--model_name_or_path", "{f}/no_weights"], "no file named model.safetensors"),
@@ -264,3 +268,14 @@ def test_zero3_two_ranks_killed_rank_resumes_to_the_same_adapter(files, tmp_path
     assert relaunched.returncode == 0, output[-3000:]
     assert "resuming from" in output
     assert max_diff(tmp_path / "straight", tmp_path / "killed") == 0.0
+
+
+def test_data_problems_that_do_not_stop_the_run_are_printed(files, tmp_path, capsys):
+    records = (files / "train.jsonl").read_text().splitlines(keepends=True)
+    odd = {"conversations": [{"from": "human", "value": "reverse: abcdef"}, {"from": "gpt", "value": "fedcb\u00e9"}]}
+    (tmp_path / "odd.jsonl").write_text("".join(records[:8]) + json.dumps(odd) + "\n")
+    assert main(quick(files, tmp_path / "run", "--data_path", str(tmp_path / "odd.jsonl"), "--max_steps", "1",
+                      "--model_max_length", "24")) == 0
+    out = capsys.readouterr().out
+    assert "1 of 9 records have replies the tokenizer cannot spell (first: " in out and "odd.jsonl:9" in out
+    assert "were truncated" in out
