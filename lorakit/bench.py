@@ -68,7 +68,8 @@ def row_tiled_attention_memory() -> tuple[float, str]:
     from transformers.masking_utils import eager_mask
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from lorakit.attention import peak_allocated, tiled_attention
+    from lorakit.attention import tiled_attention
+    from lorakit.meter import peak_allocated
 
     q, k, v = _attention_inputs(4096)
     layer = SimpleNamespace(num_key_value_groups=2, training=False)  # what eager_attention_forward reads
@@ -101,10 +102,10 @@ def row_zero3_partition() -> tuple[float, str]:
     import tempfile
     from pathlib import Path
 
-    from lorakit.zero3 import run_ranks
+    from lorakit.launch import run_ranks
 
     with tempfile.TemporaryDirectory() as out:
-        result = run_ranks(["-m", "lorakit.zero3", "demo", "--out", out, "--steps", "2", "--no-saves"])
+        result = run_ranks(["-m", "lorakit.zero3_demo", "--out", out, "--steps", "2", "--no-saves"])
         if result.returncode != 0:
             raise RuntimeError("two-rank ZeRO-3 run failed:\n" + result.stderr[-2000:])
         report = json.loads((Path(out) / "partition-rank0.json").read_text())

@@ -6,20 +6,34 @@ Reading `p` at any other moment (a state_dict, peft's `save_pretrained`) silentl
 classic "empty adapter" bug. `save_adapter` gathers exactly the adapter tensors on every rank, writes on rank 0 only,
 and refuses to write a 0-element tensor.
 
-    python -m lorakit.zero3 demo --out DIR        # one process; torchrun --nproc_per_node 2 -m lorakit.zero3 demo ...
+This module is the part a project copies: it imports torch, and peft / deepspeed where a function needs them, nothing
+of lorakit. In a training script, on every rank:
+
+    maybe_init_cpu_distributed(ds_config)       # without CUDA: before TrainingArguments(deepspeed=ds_config, ...)
+    ...                                         # build the model, get_peft_model, Trainer(...).train()
+    save_adapter(trainer, "runs/x", bias="none")  # gathers under ZeRO-3, rank 0 writes, 0-element tensors refused
+
+The ZeRO arithmetic, Figure 1 of the paper (7.5B parameters, 64 devices, stage 3):
+
+    >>> round(zero_memory_bytes(7.5e9, 64, stage=3) / 1e9, 3)
+    1.875
+
+A two-rank run on CPU that exercises all of it: `torchrun --nproc_per_node 2 -m lorakit.zero3_demo --out DIR`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-import subprocess
-import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-BIAS_MODES = ("none", "all", "lora_only")
+BIAS_MODES = ("none", "all", "lora_only")  # peft's LoraConfig(bias=...)
+CONFIGS = Path(__file__).resolve().parent / "configs"  # lorakit's DeepSpeed JSON configs (zero2, zero3, offload)
+NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]  # what model.named_parameters() yields
 
 
 def zero_memory_bytes(num_params: float, num_devices: int, stage: int, k: int = 12) -> float:
@@ -79,28 +93,33 @@ def maybe_init_cpu_distributed(deepspeed_config: str | os.PathLike | dict | None
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on host:port (a rendezvous there would fail or hang)."""
+    """True when nothing listens on host:port (a rendezvous there would fail or hang).
+
+    Args:
+        port: the TCP port, e.g. MASTER_PORT.
+        host: the address to probe, loopback by default.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         return probe.connect_ex((host, port)) != 0
 
 
-def is_zero3_partitioned(model: torch.nn.Module) -> bool:
-    """True when the model's parameters are managed by ZeRO-3 (they carry a DeepSpeed `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def _rank() -> int:
+    """This process's rank, 0 without a process group (a plain single-process run)."""
     initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_rank() if initialized else 0
 
 
-def adapter_parameter_names(named_params, bias: str = "none") -> list[str]:
+def adapter_parameter_names(named_params: NamedParameters, bias: str = "none") -> list[str]:
     """Names of the parameters that make up the adapter, for one peft bias mode (keys as in model.named_parameters()).
 
     none:      the LoRA matrices (`...q_proj.lora_A.default.weight`, `...lora_B...`)
     all:       those + every bias of the model (`...bias`)
     lora_only: those + the bias of each LoRA-wrapped layer, which current peft keeps on the wrapped layer:
                `...q_proj.base_layer.bias` (not `...q_proj.bias`, the key the 2023 seed looked for)
+
+    Args:
+        named_params: (name, parameter) pairs, e.g. model.named_parameters() of a PeftModel.
+        bias: "none", "all" or "lora_only", as in LoraConfig(bias=...).
     """
     if bias not in BIAS_MODES:
         raise ValueError(f"bias={bias!r} is not a peft bias mode: use one of {', '.join(BIAS_MODES)}")
@@ -119,7 +138,13 @@ def maybe_zero_3(param: torch.nn.Parameter) -> torch.Tensor:
 
     Fixed: the seed asserted `ds_status == NOT_AVAILABLE`, which fails for a parameter ZeRO-3 keeps whole (below
     stage3_param_persistence_threshold, e.g. every LoRA matrix with "auto") or one already gathered. Gathering is a
-    collective: every rank must call this, in the same order.
+    collective: every rank must call this, in the same order. To save a whole adapter, get_peft_state_maybe_zero_3
+    gathers all its tensors in one call instead of one call per tensor.
+
+    Args:
+        param: any parameter; under ZeRO-3 its `.data` is a (0,) placeholder and `ds_id` marks it as managed.
+    Returns:
+        a detached CPU tensor of the parameter's full shape, a copy (later training cannot change it).
     """
     if hasattr(param, "ds_id"):
         from deepspeed import zero
@@ -129,7 +154,7 @@ def maybe_zero_3(param: torch.nn.Parameter) -> torch.Tensor:
     return param.detach().cpu().clone()
 
 
-def get_peft_state_maybe_zero_3(named_params, bias: str = "none") -> dict[str, torch.Tensor]:
+def get_peft_state_maybe_zero_3(named_params: NamedParameters, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter tensors (full, on CPU) keyed like model.named_parameters(); the seed's function, corrected.
 
     Fixed: its lora_only branch iterated a dict without .items(), used the stale `bias_name` of the last LoRA key, and
@@ -152,7 +177,11 @@ def get_peft_state_maybe_zero_3(named_params, bias: str = "none") -> dict[str, t
 
 
 def check_not_empty(state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError when any tensor has 0 elements: the signature of an un-gathered ZeRO-3 parameter."""
+    """Raise ValueError when any tensor has 0 elements (the signature of an un-gathered ZeRO-3 parameter) or none.
+
+    Args:
+        state_dict: the tensors about to be written, by name.
+    """
     empty = sorted(name for name, tensor in state_dict.items() if tensor.numel() == 0)
     if empty:
         raise ValueError(
@@ -164,12 +193,20 @@ def check_not_empty(state_dict: dict[str, torch.Tensor]) -> None:
                          "layers (get_peft_model(model, LoraConfig(...)))?")
 
 
-def write_adapter(model, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+def write_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                   adapter_name: str = "default") -> Path:
     """Write adapter_model.safetensors + adapter_config.json from `state_dict` (named_parameters keys), after checking.
 
     The selection and renaming of keys (adapter name removed) is peft's own, so that PeftModel.from_pretrained reads
     the files back; the check runs on exactly what would be written.
+
+    Args:
+        model: the PeftModel (its adapter config and save_pretrained are used, not its tensors).
+        output_dir: where adapter_model.safetensors and adapter_config.json go.
+        state_dict: full tensors keyed like model.named_parameters(), e.g. from get_peft_state_maybe_zero_3.
+        adapter_name: which adapter of the model to write.
+    Returns:
+        output_dir as a Path.
     """
     from peft import get_peft_model_state_dict
 
@@ -179,7 +216,7 @@ def write_adapter(model, output_dir: str | os.PathLike, state_dict: dict[str, to
     return output_dir
 
 
-def save_adapter(trainer_or_model, output_dir: str | os.PathLike, bias: str = "none") -> Path:
+def save_adapter(trainer_or_model: object, output_dir: str | os.PathLike, bias: str = "none") -> Path:
     """Save a LoRA adapter correctly, with or without ZeRO-3; call it on EVERY rank (the gather is collective).
 
     Under ZeRO-3 each rank holds 1/Nd of every tensor; the adapter tensors are gathered (all at once, read-only),
@@ -221,6 +258,9 @@ def partition_report(model: torch.nn.Module) -> dict:
 
     Returns {"local_bytes", "total_bytes", "fraction" (local/total), "min_fraction", "max_fraction" (over parameters),
     "parameters"}; a parameter that ZeRO-3 does not partition counts as held whole (fraction 1).
+
+    Args:
+        model: the module the engine wraps (trainer.model_wrapped.module), after DeepSpeed partitioned it.
     """
     local = total = 0
     fractions = []
@@ -238,141 +278,13 @@ def load_config(path: str | os.PathLike, persistence_threshold: int | None = Non
 
     With "auto" (10 * hidden_size elements) ZeRO-3 keeps every tensor smaller than that whole on every rank, LoRA
     matrices included; 0 partitions everything, which shows ZeRO-3's true split.
-    """
-    import json
 
+    Args:
+        path: the JSON file, e.g. CONFIGS / "zero3.json".
+        persistence_threshold: elements below which ZeRO-3 keeps a tensor whole; None keeps the file's value.
+    """
     config = json.loads(Path(path).read_text())
     if persistence_threshold is not None:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence_threshold
     return config
 
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def demo(out: Path, config: Path = CONFIGS / "zero3.json", steps: int = 60, batch_size: int = 8, lr: float = 3e-3,
-         bias: str = "none", persistence_threshold: int | None = 0, saves: bool = True) -> None:
-    """LoRA on the embedded model under ZeRO-3, then every way of saving it; run it with one or more ranks.
-
-    Writes to `out`: partition-rank<r>.json; adapters saved by trainer.save_model (save_model/), by
-    _zero3_consolidated_16bit_state_dict (consolidated/), by save_adapter (gathered/), and without gathering
-    (ungathered/, the bug); the trained model's logits on a probe batch (logits.pt); a DeepSpeed checkpoint
-    (run/checkpoint-<steps>); report.json. Uses lorakit.models/tasks/evaluate: this entry point, unlike the
-    functions above, does not copy out alone.
-    """
-    import json
-
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.integrations import is_deepspeed_zero3_enabled
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-    from transformers.utils import logging as hf_logging
-
-    from lorakit.evaluate import split_record
-    from lorakit.models import TASK_DIR, encode_pair, load_base
-    from lorakit.tasks import read_jsonl
-
-    hf_logging.set_verbosity_error()
-    ds_config = load_config(config, persistence_threshold)
-    maybe_init_cpu_distributed(ds_config)  # before TrainingArguments, which then see the real world size
-    rank, out = _rank(), Path(out)
-    args = TrainingArguments(  # built BEFORE from_pretrained: the model then loads under zero.Init, partitioned
-        output_dir=str(out / "run"), deepspeed=ds_config, use_cpu=not torch.cuda.is_available(),
-        per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
-        logging_steps=max(steps // 4, 1), save_strategy="steps" if saves else "no", save_steps=steps, report_to=[],
-        disable_tqdm=True, seed=0, data_seed=0, remove_unused_columns=False)
-    model, tokenizer = load_base("tiny")
-    set_seed(0)  # the LoRA A init draws from the global generator; the Trainer seeds only after this
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                             bias=bias, task_type="CAUSAL_LM"))
-    pairs = [split_record(r) for r in read_jsonl(TASK_DIR / "train.jsonl")]
-    train = [encode_pair(tokenizer, messages[-1]["content"], answer) for messages, answer in pairs]
-
-    def collate(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in rows)
-        pad = tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),  # (B, T)
-                "labels": torch.tensor([labs + [-100] * (width - len(labs)) for _, labs in rows]),  # (B, T)
-                "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])}
-
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, processing_class=tokenizer)
-    trainer.train()
-    report = {"world_size": args.world_size, "steps": steps, "bias": bias, "persistence_threshold":
-              persistence_threshold, "loss": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]}
-    (out / f"partition-rank{rank}.json").write_text(json.dumps(partition_report(trainer.model_wrapped.module)))
-
-    if saves and rank == 0:  # the classic bug: peft reads the partitions as they are, 0-element tensors
-        ungathered = get_peft_model_state_dict(model)
-        report["ungathered_shapes"] = sorted({str(tuple(t.shape)) for t in ungathered.values()})
-        model.save_pretrained(out / "ungathered")
-    probe = collate(train[:4])
-    model.eval()
-    with torch.no_grad():  # a ZeRO-3 forward is collective: every rank runs it
-        logits = model(input_ids=probe["input_ids"].to(args.device),
-                       attention_mask=probe["attention_mask"].to(args.device)).logits.float().cpu()  # (B, T, V)
-    if saves:
-        trainer.save_model(str(out / "save_model"))  # collective
-        full = trainer.model_wrapped._zero3_consolidated_16bit_state_dict()  # collective; the FULL model, rank 0
-        if rank == 0:
-            report["consolidated_keys"] = len(full)
-            model.save_pretrained(out / "consolidated", state_dict=full)
-        save_adapter(trainer, out / "gathered", bias=bias)  # collective
-        report["zero3_enabled_after_training"] = is_deepspeed_zero3_enabled()
-        again, _ = load_base("tiny")  # the trap: this process still loads under zero.Init
-        report["reload_same_process_shape"] = list(again.model.embed_tokens.weight.shape)
-        unset_hf_deepspeed_config()
-        plain, _ = load_base("tiny")
-        report["reload_after_unset_shape"] = list(plain.model.embed_tokens.weight.shape)
-    if rank == 0:
-        torch.save({"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"], "logits": logits},
-                   out / "logits.pt")
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def launch_env() -> dict[str, str]:
-    """Environment for CPU ranks: one OpenMP thread each (else 2 ranks on 2 cores run 10-50x slower), JIT-built
-    DeepSpeed ops cached across runs, no tokenizer threads, no warnings."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lorakit" / "torch_extensions"))
-    return env
-
-
-def run_ranks(module_args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node nproc <module_args>` on this machine's CPUs, on a free port; output captured.
-
-    Args:
-        module_args: what follows torchrun's options, e.g. ["-m", "lorakit.zero3", "demo", "--out", "DIR"].
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), *module_args]
-    return subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m lorakit.zero3", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["demo"])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--config", type=Path, default=CONFIGS / "zero3.json", help="DeepSpeed JSON config")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=8, help="per rank")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--bias", choices=BIAS_MODES, default="none")
-    parser.add_argument("--persistence-threshold", type=int, default=0,
-                        help="stage3_param_persistence_threshold; -1 keeps the config's value")
-    parser.add_argument("--no-saves", action="store_true", help="train and report the partition only")
-    args = parser.parse_args(argv)
-    demo(args.out, args.config, args.steps, args.batch_size, args.lr, args.bias,
-         None if args.persistence_threshold < 0 else args.persistence_threshold, saves=not args.no_saves)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

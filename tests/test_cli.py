@@ -19,10 +19,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from test_runs import tree_hash
 
+from lorakit.launch import free_port, launch_env, torchrun_command
 from lorakit.models import TASK_DIR, load_base
 from lorakit.runs import STAMP
 from lorakit.train import main, train
-from lorakit.zero3 import launch_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ZERO3 = str(ROOT / "lorakit" / "configs" / "zero3.json")
@@ -131,9 +131,7 @@ def test_port_in_use_names_the_variable(files, tmp_path):
 
 def test_qlora_under_zero3_is_refused_in_one_line(files, tmp_path):
     env = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     result = cli(*quick(files, tmp_path / "run", "--deepspeed", ZERO3, "--q_lora", "True"),
                  env={**env, "LORAKIT_MASTER_PORT": port})
     assert result.returncode == 2 and "Traceback" not in result.stderr and "ZeRO-3" in result.stderr
@@ -245,12 +243,9 @@ def test_zero3_two_ranks_killed_rank_resumes_to_the_same_adapter(files, tmp_path
     """Two CPU ranks under ZeRO-3: one rank is SIGKILLed mid-run, the relaunch resumes from the newest complete
     checkpoint, and the adapter equals the uninterrupted two-rank run's exactly."""
     def launch(out: Path) -> subprocess.Popen:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                   "-m", "lorakit.train", *quick(files, out, "--max_steps", "6", "--per_device_train_batch_size", "4",
-                                                 "--deepspeed", ZERO3)]
+        command = torchrun_command(["-m", "lorakit.train", *quick(files, out, "--max_steps", "6",
+                                                                  "--per_device_train_batch_size", "4",
+                                                                  "--deepspeed", ZERO3)], nproc=2)
         return subprocess.Popen(command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     straight = launch(tmp_path / "straight")

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import nbformat
 import pytest
 
 from lorakit.course import BEGIN, END, STUB, build_student, notebooks, strip_solutions, student_copy
+from lorakit.launch import free_port
 
 NOTEBOOKS = notebooks()
 # Names an exercise cell may use from the notebook's first cells without importing them itself.
@@ -90,12 +90,6 @@ def test_solution_passes_and_stub_fails(path, index, monkeypatch):
     stub = strip_solutions(source)
     assert STUB in stub
     assert not check_result(run_cell(stub, path.parent, monkeypatch)), f"{path.name}: the stub passes its check"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
