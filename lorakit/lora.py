@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,20 +28,32 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 
+def _is_real(value: object) -> bool:
+    # numbers.Real takes Python and NumPy ints and floats; bool is one too, but True as a rate or scale is a mistake
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class LoRAConfig:
+    """The settings of one LoRA layer, s = α/r (or α/√r); an invalid value raises ValueError naming it and the fix."""
+
     r: int = field(default=8, metadata={"help": "rank of the update B A; trainable parameters per layer r (d_in + d_out)"})
     alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the input of the LoRA path only, in [0, 1)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r) (peft use_rslora)"})
 
-    def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}; the usual values are 4 to 64")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}; a common choice is alpha = 2 r")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}; 0.05 is a common value")
+    def __post_init__(self) -> None:
+        # bool is an int subclass (r=True would be rank 1), and NaN fails every comparison, so `alpha <= 0` lets it
+        # through: a NaN or inf alpha would make every output NaN from the first step on
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
+            raise ValueError(f"LoRA rank r={self.r!r} must be a positive integer; the usual values are 4 to 64")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha={self.alpha!r} must be a finite number > 0; "
+                             f"a common choice is 2 x r (alpha={2 * self.r} for r={self.r})")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout={self.dropout!r} must be a number in [0, 1); 0.05 is a common value")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoRA use_rslora={self.use_rslora!r} must be True or False (rsLoRA scales by alpha / sqrt(r))")
 
     @property
     def scaling(self) -> float:
@@ -56,6 +69,8 @@ class LoRALinear(nn.Module):
     Args:
         base_layer: the nn.Linear to adapt, weight (d_out, d_in); its parameters are frozen.
         r, alpha, dropout, use_rslora: see LoRAConfig.
+    Raises:
+        ValueError: r not a positive int, alpha not finite and > 0, dropout outside [0, 1), use_rslora not a bool.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -71,7 +71,7 @@ def nearest_level_table(code: torch.Tensor, size: int = 65536) -> torch.Tensor:
     bitsandbytes' CPU quantiser (measured on 0.50.2) rounds a normalised value to this grid, then reads the level off the table:
     the nearest level everywhere except within half a grid step (1.5e-5) of a midpoint between two levels.
     """
-    grid = torch.arange(size, dtype=torch.float32) / (size - 1) * 2 - 1  # (size,)
+    grid = torch.arange(size, dtype=torch.float32, device=code.device) / (size - 1) * 2 - 1  # (size,)
     left = (torch.searchsorted(code, grid, right=True) - 1).clamp(0, code.numel() - 1)  # largest j: code[j] <= g
     right = (left + 1).clamp(max=code.numel() - 1)
     return torch.where((grid - code[right]).abs() < (grid - code[left]).abs(), right, left)
@@ -94,6 +94,26 @@ class NF4State:
     code2: torch.Tensor | None = None
 
 
+def _refuse_non_finite(x: torch.Tensor, name: str, caller: str) -> None:
+    """Raise a ValueError naming the index of x's first NaN/inf and how many there are; one isfinite pass otherwise.
+
+    A NaN would spread silently: its block's absmax becomes NaN, so does the mean of all constants that double
+    quantisation subtracts, and with it every dequantised weight of the tensor.
+    """
+    if x.is_meta:  # a meta tensor has a shape but no values (dry runs that only count bytes): nothing to check
+        return
+    finite = torch.isfinite(x)  # x's shape, bool
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(-1).to(torch.uint8)  # (n,) 1 where non-finite
+    count = int(bad.sum())
+    # argmax returns the first maximum, i.e. the first non-finite value in row-major order, without a nonzero() list
+    first = tuple(int(i) for i in torch.unravel_index(bad.argmax(), x.shape))
+    raise ValueError(f"{caller}: {name} holds {count} non-finite value{'s' if count > 1 else ''} (NaN/inf), the first "
+                     f"at index {first} = {x[first].item()}, which would spoil the quantised tensor; check the weights "
+                     f"for NaN/inf before quantising, e.g. torch.isfinite({name}).all()")
+
+
 def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """(blocks,) max |x| per block; the last block may be partial."""
     padded = torch.nn.functional.pad(flat.abs(), (0, -flat.numel() % blocksize))
@@ -111,7 +131,11 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> 
         code: (256,) sorted levels in [-1, 1].
     Returns:
         q (n,) uint8 and absmax (blocks,) float32.
+    Raises:
+        ValueError: x holds a NaN or inf (it would poison its block's absmax and every value of that block).
     """
+    _refuse_non_finite(x, "x", "quantize_8bit")
+    code = code.to(x.device)  # (256,) the lookup table below is built on the code's device and indexed on x's
     absmax = _blockwise_absmax(x, blocksize)  # (blocks,)
     scale = (1.0 / absmax).repeat_interleave(blocksize)[: x.numel()]  # (n,)
     normed = (x * scale).clamp(-1, 1)  # (n,)
@@ -122,7 +146,7 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> 
 
 def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
     """x̂_i = code[q_i] · absmax[i // blocksize], float32, (n,)."""
-    return code[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]
+    return code.to(q.device)[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[torch.Tensor, NF4State]:
@@ -133,12 +157,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         blocksize: weights per absmax constant (bitsandbytes accepts 32 .. 4096; QLoRA uses 64).
         double_quant: quantise the constants too (8-bit dynamic type, blocks of 256, after subtracting their mean).
     Returns:
-        packed (ceil(n/2), 1) uint8, the first weight of each pair in the high nibble; and the NF4State.
+        packed (ceil(n/2), 1) uint8, the first weight of each pair in the high nibble; and the NF4State, on w's device.
+    Raises:
+        ValueError: a dtype or blocksize bitsandbytes does not take, or a NaN/inf in w (named by its index).
     """
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantize_nf4 takes float32/bfloat16/float16 weights, got {w.dtype}: convert with .float()")
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ValueError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096 (QLoRA: 64)")
+    _refuse_non_finite(w, "w", "quantize_nf4")
     flat = w.reshape(-1).float()  # (n,)
     n, full = flat.numel(), flat.numel() - flat.numel() % blocksize
     absmax = _blockwise_absmax(flat, blocksize)  # (blocks,)
@@ -150,14 +177,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     head = (flat[:full].view(-1, blocksize) * inverse[:, None]).reshape(-1)  # (full,)
     tail = flat[full:] / absmax[full // blocksize:].clamp(min=1e-38)  # (n - full,)
     scaled = torch.cat([head, tail]).clamp(-1, 1)  # (n,)
-    midpoints = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2  # (15,) a value on a midpoint takes the lower level
+    nf4 = NF4_CODEBOOK.to(w.device)  # the module's tables live on the CPU; compute where the weights are
+    midpoints = (nf4[:-1] + nf4[1:]) / 2  # (15,) a value on a midpoint takes the lower level
     scaled = torch.nn.functional.pad(scaled, (0, n % 2))  # an odd count is padded with one 0.0 weight (code 7)
     codes = torch.bucketize(scaled, midpoints).to(torch.uint8)  # (n + n % 2,) 0..15
     packed = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)  # (ceil(n/2), 1)
     state = NF4State(shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax=absmax)
     if double_quant:
         state.offset = absmax.mean()
-        state.code2 = dynamic_codebook()
+        state.code2 = dynamic_codebook().to(w.device)
         state.absmax, state.absmax2 = quantize_8bit(absmax - state.offset, state.code2, 256)
     return packed, state
 
@@ -170,7 +198,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     n = state.shape.numel()
     flat = packed.reshape(-1)
     codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()  # (n,)
-    values = NF4_CODEBOOK[codes] * absmax.repeat_interleave(state.blocksize)[:n]  # (n,) float32
+    values = NF4_CODEBOOK.to(codes.device)[codes] * absmax.repeat_interleave(state.blocksize)[:n]  # (n,) float32
     return values.view(state.shape).to(state.dtype)
 
 
@@ -198,6 +226,7 @@ def fake_quantize(w: torch.Tensor, levels: torch.Tensor, blocksize: int = 64) ->
     """Round each weight to the nearest of `levels` (sorted, in [-1, 1]) on a blockwise absmax scale, and back:
     the quantisation error of any 4-bit grid (NF4, FP4, INT4) without packing. Same shape and dtype as w."""
     flat = w.reshape(-1).float()  # (n,)
+    levels = levels.to(flat.device)  # (L,) the grids above are CPU tensors; compute where the weights are
     scale = _blockwise_absmax(flat, blocksize).clamp(min=1e-38).repeat_interleave(blocksize)[: flat.numel()]  # (n,)
     nearest = (flat[:, None] / scale[:, None] - levels[None, :]).abs().argmin(dim=1)  # (n,)
     return (levels[nearest] * scale).view(w.shape).to(w.dtype)

@@ -2,13 +2,16 @@
 
 import copy
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from lorakit.course import NOTEBOOKS, code_cells
 from lorakit.lora import (
+    LoRAConfig,
     LoRALinear,
     add_lora,
     count_parameters,
@@ -222,7 +225,7 @@ def test_bad_targets_and_settings_get_clear_errors(tiny):
     with pytest.raises(ValueError, match=r"\['q_prj'\].*'down_proj'.*'q_proj'"):
         add_lora(model, ["q_prj", "v_proj"])
     assert not lora_layers(model)  # nothing half-done
-    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+    with pytest.raises(ValueError, match="rank r=0 must be a positive integer"):
         add_lora(model, ["q_proj"], r=0)
     with pytest.raises(ValueError, match="dropout"):
         add_lora(model, ["q_proj"], dropout=1.0)
@@ -231,6 +234,38 @@ def test_bad_targets_and_settings_get_clear_errors(tiny):
         add_lora(model, ["q_proj"])
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         LoRALinear(nn.Conv1d(2, 2, 1))
+
+
+# each bad value is refused with a message naming it, then the fix
+FIXES = {"alpha": r"must be a finite number > 0; a common choice is 2 x r \(alpha=16 for r=8\)",
+         "r": "must be a positive integer; the usual values are 4 to 64", "use_rslora": "must be True or False",
+         "dropout": r"must be a number in \[0, 1\); 0.05 is a common value"}
+BAD_VALUES = {"alpha": (math.nan, math.inf, -math.inf, 0.0, -16, "16", True), "r": (0, -4, 8.0, True),
+              "dropout": (math.nan, 1.0, -0.1, "0.1"), "use_rslora": ("no", 1)}
+BAD_SETTINGS = [(k, v, rf"{k}={re.escape(repr(v))} {FIXES[k]}") for k, values in BAD_VALUES.items() for v in values]
+ENTRIES = {"add_lora": lambda model, kw: add_lora(model, ["0"], **kw),
+           "LoRALinear": lambda model, kw: LoRALinear(model[0], **kw), "LoRAConfig": lambda model, kw: LoRAConfig(**kw)}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("key, value, match", BAD_SETTINGS, ids=[f"{k}={v!r}" for k, v, _ in BAD_SETTINGS])
+def test_bad_setting_is_named_before_anything_changes(entry, key, value, match):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
+        ENTRIES[entry](model, {key: value})
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # nothing half-done
+
+
+# (setting, valid value, expected scaling with the others at their defaults r=8, alpha=16)
+GOOD_SETTINGS = [("alpha", 16, 2.0), ("alpha", 1e-3, 1.25e-4), ("alpha", np.float32(8.0), 1.0), ("r", 1, 16.0),
+                 ("r", np.int64(4), 4.0), ("dropout", 0.999, 2.0), ("use_rslora", True, 16 / math.sqrt(8))]
+
+
+@pytest.mark.parametrize("key, value, scaling", GOOD_SETTINGS, ids=[f"{k}={v!r}" for k, v, _ in GOOD_SETTINGS])
+def test_valid_setting_is_accepted(key, value, scaling):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    assert add_lora(model, ["0"], **{key: value}) == ["0"] and model[0].scaling == pytest.approx(scaling)
+    assert torch.isfinite(model(torch.randn(2, 4))).all()
 
 
 NOTEBOOK = NOTEBOOKS / "01_low_rank_math.ipynb"

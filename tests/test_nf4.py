@@ -15,6 +15,7 @@ from lorakit.nf4 import (
     dynamic_codebook,
     fake_quantize,
     nf4_codebook,
+    quantize_8bit,
     quantize_nf4,
     state_bytes,
 )
@@ -141,6 +142,69 @@ def test_bad_dtype_is_named(bad, match):
 def test_bad_blocksize_is_named():
     with pytest.raises(ValueError, match="blocksize 48"):
         quantize_nf4(torch.randn(10), blocksize=48)
+
+
+# (shape, positions set non-finite, value, the message's count and first index in row-major order)
+NON_FINITE = [
+    ((8, 64), [(3, 17)], float("nan"), r"w holds 1 non-finite value \(NaN/inf\), the first at index \(3, 17\) = nan"),
+    ((8, 64), [(5, 1), (3, 17)], float("inf"), r"w holds 2 non-finite values .* index \(3, 17\) = inf"),
+    ((2, 3, 65), [(1, 2, 64)], float("-inf"), r"w holds 1 non-finite value .* index \(1, 2, 64\) = -inf"),
+    ((65,), [(64,)], float("nan"), r"w holds 1 non-finite value .* index \(64,\) = nan"),  # alone in a partial tail block
+    ((300, 300), [(299, 299), (0, 0), (150, 7)], float("nan"), r"w holds 3 non-finite values .* index \(0, 0\) = nan"),
+]
+FIX = r"check the weights for NaN/inf before quantising, e.g. torch.isfinite\(w\).all\(\)"
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, positions, value, match", NON_FINITE, ids=[str(c[1]) for c in NON_FINITE])
+def test_non_finite_weight_is_named_by_its_index(shape, positions, value, match, dtype, double_quant):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for position in positions:
+        w[position] = value
+    with pytest.raises(ValueError, match=f"^quantize_nf4: {match}.*{FIX}$"):
+        quantize_nf4(w, double_quant=double_quant)
+    for position in positions:  # the same tensor without them is quantised exactly as bitsandbytes does
+        w[position] = 0.5
+    assert_same_as_bitsandbytes(w, double_quant=double_quant)
+
+
+@pytest.mark.parametrize("position, value", [(0, float("nan")), (300, float("inf")), (511, float("-inf"))])
+def test_quantize_8bit_names_a_non_finite_value(position, value):
+    x = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    x[position] = value
+    with pytest.raises(ValueError, match=rf"^quantize_8bit: x holds 1 non-finite value .* index \({position},\) = "
+                                         rf"{value}.*torch.isfinite\(x\).all\(\)$"):
+        quantize_8bit(x, dynamic_codebook())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantize_and_dequantize_follow_the_input_device(double_quant):
+    """The module's codebooks are CPU tensors; quantisation must run on w's device. Here that is "meta" (shapes and
+    dtypes, no values), which fails the same way CUDA does when a CPU table meets another device's tensor."""
+    w = torch.empty(40, 97, device="meta")
+    packed, state = quantize_nf4(w, double_quant=double_quant)
+    on_device = [packed, state.absmax] + ([state.offset, state.absmax2, state.code2] if double_quant else [])
+    assert all(t.device.type == "meta" for t in on_device)
+    w_hat = dequantize_nf4(packed, state)
+    assert w_hat.device.type == "meta" and w_hat.shape == w.shape and w_hat.dtype == w.dtype
+    cpu = quantize_nf4(torch.randn(40, 97), double_quant=double_quant)
+    assert state_bytes(packed, state, per_tensor=True) == state_bytes(*cpu, per_tensor=True)
+    assert fake_quantize(w, NF4_CODEBOOK).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cuda_input_is_quantised_on_cuda_like_on_cpu(double_quant):
+    w = torch.randn(127, 129, generator=torch.Generator().manual_seed(0))
+    packed, state = quantize_nf4(w.cuda(), double_quant=double_quant)
+    packed_cpu, state_cpu = quantize_nf4(w, double_quant=double_quant)
+    w_hat = dequantize_nf4(packed, state)
+    assert packed.is_cuda and state.absmax.is_cuda and w_hat.is_cuda
+    if double_quant:  # the mean of the constants may sum in another order on the GPU, moving a rare code by one
+        assert (w_hat.cpu() == dequantize_nf4(packed_cpu, state_cpu)).float().mean() > 0.99
+    else:  # amax, IEEE division and comparisons only: the same bits on any device
+        assert torch.equal(packed.cpu(), packed_cpu) and torch.equal(state.absmax.cpu(), state_cpu.absmax)
 
 
 def test_notebook_inline_copy_equals_lorakit():
