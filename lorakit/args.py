@@ -16,6 +16,7 @@ Flag names and meanings are the seed's, so its launch scripts keep working. What
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,3 +140,33 @@ class LoraArguments:
         if self.lora_weight_path and not (Path(self.lora_weight_path) / "adapter_config.json").is_file():
             raise ValueError(f"--lora_weight_path {self.lora_weight_path!r} holds no adapter_config.json; pass a "
                              "directory written by save_pretrained / lorakit-train, or leave it empty")
+
+
+RESULT_FLAGS = {  # the settings that decide a run's result: resuming with any other value would mix two runs
+    "model": ("model_name_or_path",), "data": ("data_path", "model_max_length", "lazy_preprocess"),
+    "training": ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "seed",
+                 "data_seed", "fp16", "bf16", "world_size"),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_bias", "lora_weight_path",
+             "q_lora")}
+
+
+def _file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else ""
+
+
+def result_settings(model_args, data_args, training_args, lora_args) -> dict:
+    """flag → value for every RESULT_FLAGS setting, plus the content hashes of the data and DeepSpeed config."""
+    groups = {"model": model_args, "data": [data_args, training_args], "training": training_args, "lora": lora_args}
+    settings = {}
+    for group, names in RESULT_FLAGS.items():
+        sources = groups[group] if isinstance(groups[group], list) else [groups[group]]
+        for name in names:
+            source = next(s for s in sources if hasattr(s, name))
+            value = getattr(source, name)
+            settings[f"--{name}"] = sorted(value) if isinstance(value, list) else str(value) if isinstance(
+                value, Path) else getattr(value, "value", value)
+    settings["data sha256"] = _file_hash(data_args.data_path)
+    deepspeed = training_args.deepspeed
+    settings["--deepspeed sha256"] = _file_hash(deepspeed) if isinstance(deepspeed, str) else str(deepspeed or "")
+    return settings
