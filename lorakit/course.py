@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "table", "student"])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in notebooks/")
     args = parser.parse_args(argv)
+    missing = [str(p) for p in args.notebooks if not p.is_file()]
+    if missing:
+        parser.error(f"no such notebook: {', '.join(missing)}; the notebooks are in notebooks/")
     paths = [p.resolve() for p in args.notebooks] or notebooks()
     if args.command == "run":
         run(paths)

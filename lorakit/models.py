@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["build", "task", "smollm2"])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: under data/)")
     args = parser.parse_args(argv)
+    out = args.out or (TINY_DIR if args.command == "build" else TASK_DIR)
+    try:  # fail now, not after minutes of pretraining (smollm2's --out is a cache folder it creates itself)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as error:
+        parser.error(f"--out {out}: cannot write there ({error.strerror}); pass a writable directory")
     if args.command == "build":
         build_tiny(args.out or TINY_DIR)
     elif args.command == "smollm2":

@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         build()
         return 0
-    result = demo(max_minutes=args.max_minutes)
+    try:
+        result = demo(max_minutes=args.max_minutes)
+    except FileNotFoundError as error:  # not converted yet: the message says how
+        parser.error(str(error))
     print(f"SmolLM2 LoRA on {result['n_train']} 'add: a+b' records, {result['steps']} steps, "
           f"{result['train_minutes']:.1f} min ({result['cpu_minutes']:.1f} CPU min): held-out exact match {result['before']:.0%} -> {result['after']:.0%} "
           f"({result['n_eval']} records; {result['trainable']:,} of {result['total']:,} parameters trained)")

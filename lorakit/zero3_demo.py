@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="stage3_param_persistence_threshold; -1 keeps the config's value")
     parser.add_argument("--no-saves", action="store_true", help="train and report the partition only")
     args = parser.parse_args(argv)
+    if not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file; the DeepSpeed configs are in {CONFIGS}")
     demo(args.out, args.config, args.steps, args.batch_size, args.lr, args.bias,
          None if args.persistence_threshold < 0 else args.persistence_threshold, saves=not args.no_saves)
     return 0
