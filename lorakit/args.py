@@ -96,6 +96,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 print(f"[lorakit-train] {flag} True needs a CUDA GPU; none is visible, so training runs in fp32",
                       flush=True)
             self.bf16 = self.fp16 = False
+        if self.gradient_checkpointing is not None:  # the seed's flag; transformers 5 renamed it and warns on the old
+            self.activation_checkpointing, self.gradient_checkpointing = bool(self.gradient_checkpointing), None
         if self.model_max_length < 2:
             raise ValueError(f"--model_max_length {self.model_max_length} is too small: a prompt and a reply need at "
                              "least 2 tokens; the seed uses 512")

@@ -92,7 +92,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
                                  "this way; use a ZeRO-2 config (lorakit/configs/zero2.json) or torchrun for QLoRA")
             quant = required("quant", "--q_lora True")
             model = quant.load_in_4bit(model_args.model_name_or_path, dtype, double_quant=True, **kwargs)
-            return quant.prepare_kbit(model, gradient_checkpointing=training_args.gradient_checkpointing)
+            return quant.prepare_kbit(model, gradient_checkpointing=training_args.activation_checkpointing)
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, **kwargs)
     except OSError as error:  # missing weights, unreachable hub id: transformers' own message says which file
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {' '.join(str(error).split())} "
@@ -167,9 +167,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         importlib.import_module("lorakit.attention").cast_for_flash_attention(model, compute_dtype(training_args))
     if training_args.process_index == 0:  # the seed printed this only under DeepSpeed
         print(trainable_parameters(model), flush=True)
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no input gradient
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with gradient checkpointing
+    if training_args.activation_checkpointing and is_deepspeed_zero3_enabled() and \
+            not training_args.activation_checkpointing_kwargs:
+        # transformers 5 recomputes non-reentrantly by default; under ZeRO-3 the frozen weights are re-partitioned
+        # (shape (0,)) by the time of the recompute and torch refuses the mismatch (transformers#47254)
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": True}
+        say("gradient checkpointing under ZeRO-3 with frozen base weights: use_reentrant=True")
     keep, training_args.save_total_limit = training_args.save_total_limit, None  # transformers' rotation deletes
     trainer = Trainer(model=model, args=training_args, processing_class=tokenizer, **data_module)  # any checkpoint-*
     trainer.add_callback(RunCallback(run_dir, keep))

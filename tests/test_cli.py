@@ -240,17 +240,21 @@ def test_eval_path_comes_from_the_parsed_flags(files, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_zero3_two_ranks_killed_rank_resumes_to_the_same_adapter(files, tmp_path):
-    """Two CPU ranks under ZeRO-3: one rank is SIGKILLed mid-run, the relaunch resumes from the newest complete
-    checkpoint, and the adapter equals the uninterrupted two-rank run's exactly."""
-    def launch(out: Path) -> subprocess.Popen:
+    """Two CPU ranks under ZeRO-3 with gradient checkpointing: one rank is SIGKILLed mid-run, the relaunch resumes
+    from the newest complete checkpoint, and the adapter equals the uninterrupted two-rank run's exactly. Checkpointing
+    runs in its reentrant form, the one that survives ZeRO-3's re-partitioned frozen weights."""
+    def launch(out: Path, output=subprocess.PIPE) -> subprocess.Popen:
         command = torchrun_command(["-m", "lorakit.train", *quick(files, out, "--max_steps", "6",
                                                                   "--per_device_train_batch_size", "4",
+                                                                  "--gradient_checkpointing", "True",
                                                                   "--deepspeed", ZERO3)], nproc=2)
-        return subprocess.Popen(command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(command, env=launch_env(), stdout=output, stderr=subprocess.STDOUT, text=True)
 
     straight = launch(tmp_path / "straight")
-    assert straight.wait(timeout=600) == 0, straight.stdout.read()[-3000:]
-    killed = launch(tmp_path / "killed")
+    output = straight.communicate(timeout=600)[0]
+    assert straight.returncode == 0, output[-3000:]
+    assert "gradient checkpointing under ZeRO-3 with frozen base weights: use_reentrant=True" in output
+    killed = launch(tmp_path / "killed", output=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (tmp_path / "killed" / "checkpoint-4").is_dir() and time.monotonic() < deadline:
         time.sleep(0.005)
