@@ -34,15 +34,19 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 
-def seed_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = True) -> BitsAndBytesConfig:
+def seed_config(compute_dtype: torch.dtype = torch.float32, double_quant: bool = True,
+                quant_storage: torch.dtype = torch.uint8) -> BitsAndBytesConfig:
     """The seed's (FastChat train_lora.py) quantisation config: NF4 weights, optional double quantisation.
 
     Args:
         compute_dtype: dtype the 4-bit weights are dequantised to for each matmul (float32 on CPU, bfloat16 on GPU).
         double_quant: also quantise the per-block absmax constants to 8 bits (4.127 instead of 4.5 bits per weight).
+        quant_storage: the dtype of the tensor that holds the packed 4-bit codes (two per byte). uint8 by default;
+            under DeepSpeed ZeRO-3 it must equal the other parameters' dtype so that the engine can flatten and
+            partition all of them alike (the same bytes, viewed as e.g. float32: a (N, M) layer becomes (N*M/8, 1)).
     """
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
 
 
 def cpu_has_eval_trap() -> bool:
@@ -68,7 +72,7 @@ def guard_eval_trap(model: torch.nn.Module) -> int:
 
 
 def load_in_4bit(path: str | os.PathLike, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True,
-                 **from_pretrained_kwargs) -> torch.nn.Module:
+                 quant_storage: torch.dtype = torch.uint8, **from_pretrained_kwargs) -> torch.nn.Module:
     """Load a causal LM with its linear layers in 4-bit NF4 (the seed's config), guarded against the CPU eval trap.
 
     Embeddings, norms and the (tied) head stay in `compute_dtype`. On a CUDA machine the model goes to the GPU of this
@@ -78,13 +82,16 @@ def load_in_4bit(path: str | os.PathLike, compute_dtype: torch.dtype = torch.flo
         path: a checkpoint directory (config.json + weights), or a hub id "org/name" where a hub is reachable.
         compute_dtype: dtype for the dequantised matmuls and the unquantised parameters.
         double_quant: quantise the absmax constants too (bnb_4bit_use_double_quant).
+        quant_storage: dtype holding the packed codes; pass compute_dtype under ZeRO-3 (see seed_config).
         **from_pretrained_kwargs: passed on (device_map, attn_implementation, quantization_config to override, ...).
     """
     if not Path(path).exists() and str(path).count("/") != 1:
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: pass a directory holding config.json and weights "
                                 f"(for the embedded model: lorakit.models.resolve('tiny')) or a hub id 'org/name'")
-    kwargs = {"quantization_config": seed_config(compute_dtype, double_quant), "dtype": compute_dtype}
-    if torch.cuda.is_available():
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    kwargs = {"quantization_config": seed_config(compute_dtype, double_quant, quant_storage), "dtype": compute_dtype}
+    if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():  # ZeRO-3 places the shards itself
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     kwargs.update(from_pretrained_kwargs)
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would clutter notebook outputs
@@ -124,7 +131,7 @@ def prepare_kbit(model: torch.nn.Module, gradient_checkpointing: bool = True, ze
             "and freezes parameters the engine shards). Instead: load with BitsAndBytesConfig(..., "
             "bnb_4bit_quant_storage=torch.bfloat16) so 4-bit weights shard like bf16 tensors, skip this call, and enable "
             "gradient checkpointing in TrainingArguments(gradient_checkpointing=True, "
-            "gradient_checkpointing_kwargs={'use_reentrant': False}); or train QLoRA with ZeRO-2 or plain DDP.")
+            "gradient_checkpointing_kwargs={'use_reentrant': True}); or train QLoRA with ZeRO-2 or plain DDP.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers alias deprecated in v5
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,

@@ -9,7 +9,8 @@
 Every flag is in lorakit.args (`lorakit-train --help`). Fixed against the seed: processing_class instead of
 Trainer(tokenizer=); transformers.integrations instead of `from transformers import deepspeed`; a pad token without the
 unk hack; trainable parameters printed on rank 0 in every mode; the adapter saved so that stock
-PeftModel.from_pretrained reloads it (under ZeRO-3 too); QLoRA refused under ZeRO-3 instead of warned about;
+PeftModel.from_pretrained reloads it (under ZeRO-3 too); QLoRA under ZeRO-3 the way peft documents it today
+(4-bit codes stored in the compute dtype, no k-bit preparation) instead of warned about and broken;
 --flash_attn through transformers' attention interface instead of a Llama-only monkey patch; lora_weight_path honoured.
 Added: a mistake ends in one line and exit code 2 (lorakit.preflight, lorakit.data, lorakit.runs); a killed run
 resumes from its newest *complete* checkpoint, and a directory it did not write is never touched (lorakit.runs).
@@ -86,10 +87,19 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
             if message:
                 say(message)
     try:
+        if lora_args.q_lora and is_deepspeed_zero3_enabled():
+            # FastChat (2023): "ZeRO3 is not currently supported with QLoRA". Today's way (peft's DeepSpeed guide):
+            # store the packed 4-bit codes in the compute dtype so ZeRO-3 partitions them like any other tensor, and
+            # skip k-bit preparation, which would re-cast parameters the engine owns.
+            say(f"QLoRA under ZeRO-3: 4-bit codes stored as {dtype} (bnb_4bit_quant_storage) so DeepSpeed can "
+                "partition them; k-bit preparation skipped")
+            quant = required("quant", "--q_lora True")
+            model = quant.load_in_4bit(model_args.model_name_or_path, dtype, double_quant=True, quant_storage=dtype,
+                                       **kwargs)
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            return model
         if lora_args.q_lora:
-            if is_deepspeed_zero3_enabled():
-                raise UsageError("--q_lora True with a ZeRO-3 DeepSpeed config: 4-bit weights cannot be partitioned "
-                                 "this way; use a ZeRO-2 config (lorakit/configs/zero2.json) or torchrun for QLoRA")
             quant = required("quant", "--q_lora True")
             model = quant.load_in_4bit(model_args.model_name_or_path, dtype, double_quant=True, **kwargs)
             return quant.prepare_kbit(model, gradient_checkpointing=training_args.activation_checkpointing)
