@@ -5,28 +5,40 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 EXTRAS := course,qlora,zero3,real,dev
+# torch comes first, from PyTorch's CPU wheel index: on Linux, PyPI's torch is the CUDA build (a 527 MB wheel plus
+# nvidia-* and triton wheels, GBs in all), the CPU index's is one ~190 MB wheel. `make TORCH_INDEX= setup` uses pip's
+# default index instead. An unreachable CPU index fails fast (--timeout 10 --retries 0), then the default index is used.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH       := torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorakit/torch_extensions
 export TOKENIZERS_PARALLELISM := false
-export PYTHONWARNINGS := ignore
 
-.PHONY: setup lab test lint notebooks course bench student real-model setup-gpu base task clean
+.PHONY: setup lab test quick lint notebooks course bench student real-model setup-gpu base task clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --index-url $(TORCH_INDEX) --timeout 10 --retries 0 $(TORCH) || \
+	  { echo "$(TORCH) not installed from $(TORCH_INDEX); trying the default index (on Linux: the CUDA build, GBs)"; \
+	    $(PY) -m pip install -q $(TORCH); },$(PY) -m pip install -q $(TORCH))
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lorakit)" >/dev/null
 	touch $(STAMP)
 
 # JupyterLab refuses to start as root (containers, CI boxes) without --allow-root.
+# Kernels inherit PYTHONWARNINGS: yours, plus the library warnings the stored outputs were made without (lorakit.course).
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	PYTHONWARNINGS="$$($(PY) -m lorakit.course warnings)" $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
+# Everything: ruff, unit tests, every notebook under nbval (conftest.py adds nbval's flags).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Seconds-scale tests only: no multi-process runs, no notebooks (the `slow` marker).
+quick: setup
+	$(PY) -m pytest -m "not slow and not real_model" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

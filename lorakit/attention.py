@@ -23,13 +23,9 @@ values it visited instead of NaN.
 from __future__ import annotations
 
 import importlib.util
-import weakref
-from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 DEFAULT_NAME = "lorakit_tiled"
 
@@ -286,40 +282,3 @@ def cast_for_flash_attention(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
     return model
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created by an op while active, and drops them when freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.storages = 0, 0, {}
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.storages.pop(key, None)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.storages:  # views and in-place results share a storage: count once
-                    self.storages[key] = nbytes
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key, nbytes)
-        return out
-
-
-def peak_allocated(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensors alive at once among those `fn` allocates (its inputs not counted), on any device.
-
-    Exact and deterministic, unlike process RSS: every op's outputs are seen through a TorchDispatchMode, and a
-    storage stops counting when it is freed. Works for CPU tensors, where torch keeps no allocator statistics.
-    """
-    meter = _LiveBytes()
-    with meter:
-        fn()
-    return meter.peak
