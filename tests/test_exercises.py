@@ -7,6 +7,7 @@ a plausible wrong answer fails too, with a verdict line that points at the mista
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,77 @@ def test_check_rejects_a_typical_mistake_with_a_verdict(check, wrong, says, caps
     assert getattr(exercises, check)(wrong) is False
     out = capsys.readouterr().out
     assert out.startswith("❌ ") and says in out, out
+
+
+def written_as_int(output_dir):  # a step number instead of a path
+    return 4
+
+
+def written_as_list(output_dir):  # every checkpoint instead of the last
+    return sorted(str(p) for p in Path(output_dir).glob("checkpoint-*"))
+
+
+def written_as_name(output_dir):  # the folder's name, without output_dir
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return max(found, key=lambda p: int(p.name[11:])).name if found else None
+
+
+def written_as_text_order(output_dir):  # max() on the names: checkpoint-9 beats checkpoint-10
+    found = [p for p in Path(output_dir).iterdir() if p.name.startswith("checkpoint-")]
+    return str(max(found)) if found else None
+
+
+@pytest.mark.parametrize(("wrong", "says"), [
+    (written_as_int, "no checkpoint: expected the path of a checkpoint-N folder (a str or Path) or None, got int"),
+    (written_as_list, "expected the path of a checkpoint-N folder (a str or Path) or None, got list"),
+    (written_as_name, "two checkpoints: expected checkpoint-4 inside output_dir, got 'checkpoint-4'"),
+    (written_as_text_order, "checkpoint-9 and checkpoint-10: expected checkpoint-10, got checkpoint-9"),
+], ids=lambda value: value.__name__ if callable(value) else None)
+def test_last_checkpoint_answers_any_return_value_with_a_verdict(wrong, says, capsys):
+    assert exercises.check_last_checkpoint(wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌ not the checkpoint the Trainer would pick") and says in out, out
+    assert "hint: " in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("wrong", [lambda named_params, bias: None, lambda named_params, bias: "lora_A",
+                                   lambda named_params, bias: [1, 2]], ids=["None", "str", "ints"])
+def test_adapter_names_answers_a_non_list_with_a_verdict(wrong, capsys):
+    assert exercises.check_adapter_names(wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌ ") and "expected a list of parameter names" in out, out
+
+
+def test_is_lora_target_answers_an_ambiguous_truth_value_with_a_verdict(capsys):
+    assert exercises.check_is_lora_target(lambda name, target_modules: torch.ones(2)) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌ ") and "expected True or False, got tensor" in out, out
+
+
+def stub(*args):
+    raise NotImplementedError("your turn: write this part, then run the cell again")
+
+
+@pytest.mark.parametrize("check", ["check_online_softmax_step", "check_lora_parameter_count", "check_adapter_names"])
+def test_a_stub_is_reported_once(check, capsys):
+    assert getattr(exercises, check)(stub) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌ ") and out.count("not written yet") == 1, out
+
+
+def test_run_cases_judges_each_case_and_stops_at_the_stub():
+    def judge(case):
+        return case, "right"
+
+    ok, lines = exercises.run_cases([("a", None), ("b", "off by one"), ("c", None)], judge)
+    assert (ok, lines) == (False, ["a: right", "b: off by one", "c: right"])
+    assert exercises.run_cases([("a", None), ("b", None)], judge) == (True, ["a: right", "b: right"])
+    unwritten = "not written yet: replace the `raise NotImplementedError` line with your code"
+    assert exercises.run_cases([("a", unwritten), ("b", None)], judge) == (False, [f"a: {unwritten}"])
+    assert exercises.run_cases([], judge) == (True, [])
+
+
+def test_conclude_adds_the_hint_only_on_failure(capsys):
+    assert exercises.conclude(True, ["a: right"], "passed", "failed", "hint: h") is True
+    assert exercises.conclude(False, ["a: wrong"], "passed", "failed", "hint: h") is False
+    assert capsys.readouterr().out == "✅ passed\n   a: right\n❌ failed\n   a: wrong\n   hint: h\n"

@@ -69,12 +69,19 @@ def test_student_copy_is_in_sync_and_has_no_solutions(tmp_path):
                 assert (committed / path.name).read_text() == path.read_text(), f"rerun `make student`: {path.name}"
 
 
-def run_cell(source: str, cwd: Path, monkeypatch) -> dict:
+def stored_stdout(path: Path, index: int) -> str:
+    """What the committed notebook shows under its index-th exercise cell: the text nbval compares a fresh run with."""
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" and BEGIN in c.source]
+    return "".join(o.get("text", "") for o in cells[index].outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def run_cell(source: str, cwd: Path, monkeypatch) -> tuple[dict, str]:
+    """Run an exercise cell as the notebook would; return its variables and what it printed."""
     monkeypatch.chdir(cwd)  # notebooks run from notebooks/, as in JupyterLab
     scope: dict = {}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
         exec(compile(PREAMBLE + source, "<exercise>", "exec"), scope)  # noqa: S102 - the course's own cells
-    return scope
+    return scope, printed.getvalue()
 
 
 def check_result(scope: dict) -> bool:
@@ -86,10 +93,15 @@ def check_result(scope: dict) -> bool:
 @pytest.mark.parametrize(("path", "index"), EXERCISES)
 def test_solution_passes_and_stub_fails(path, index, monkeypatch):
     source = exercise_cells(path)[index]
-    assert check_result(run_cell(source, path.parent, monkeypatch)), f"{path.name}: the reference solution fails"
+    scope, printed = run_cell(source, path.parent, monkeypatch)
+    assert check_result(scope), f"{path.name}: the reference solution fails"
+    # the check's wording is part of the committed output: a change shows here, naming the cell, before nbval runs
+    assert printed == stored_stdout(path, index), f"{path.name}, exercise {index}: rerun `make notebooks`"
     stub = strip_solutions(source)
     assert STUB in stub
-    assert not check_result(run_cell(stub, path.parent, monkeypatch)), f"{path.name}: the stub passes its check"
+    scope, printed = run_cell(stub, path.parent, monkeypatch)
+    assert not check_result(scope), f"{path.name}: the stub passes its check"
+    assert printed.startswith("❌ ") and printed.count("not written yet") == 1, printed
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Each check takes the learner's function, runs it on cases with known answers (fr
 real library), prints a friendly verdict — what is right, what is wrong, expected vs got — and returns True or False.
 It never raises a bare AssertionError: an exception inside the learner's code is reported as part of the verdict.
 
-    common.py     verdict, attempt, compare_tensors: what every check shares
+    common.py     attempt, run_cases, compare_tensors, conclude, verdict: what every check shares
     basics.py     00 start here, 01 low-rank math, 02 NF4
     layers.py     03 flash attention, 04 PEFT wrapping
     training.py   05 Trainer run, 06 ZeRO-3
@@ -20,7 +20,7 @@ from lorakit.exercises.basics import (
     check_reverse_answer,
 )
 from lorakit.exercises.capstone import check_merge_adapter, check_train_flags
-from lorakit.exercises.common import attempt, compare_tensors, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, run_cases, verdict
 from lorakit.exercises.layers import (
     check_attention_visibility,
     check_is_lora_target,
@@ -35,7 +35,7 @@ from lorakit.exercises.training import (
 )
 
 __all__ = [
-    "attempt", "compare_tensors", "verdict",
+    "attempt", "compare_tensors", "conclude", "run_cases", "verdict",
     "check_reverse_answer", "check_chat_prompt",  # 00
     "check_merged_weight", "check_lora_from_delta",  # 01
     "check_pack_4bit", "check_nf4_roundtrip",  # 02

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, run_cases, verdict
 
 # ---- 00 start here ----
 
@@ -28,11 +28,11 @@ def check_reverse_answer(fn: Callable) -> bool:
             return verdict(False, "reverse_answer raised an error", [error])
         if got != answer:
             wrong.append(f"{question!r}: expected {answer!r}, got {got!r}")
-    if wrong:
-        return verdict(False, f"reverse_answer is wrong on {len(wrong)} of {len(records)} training records",
-                       wrong[:3] + ['hint: the word is what follows "reverse: "; s[::-1] reverses a string'])
-    return verdict(True, f"reverse_answer matches all {len(records)} training answers",
-                   ["this is the reference the model is graded against: exact match, character for character"])
+    return conclude(not wrong, wrong[:3] or ["this is the reference the model is graded against: exact match, "
+                                             "character for character"],
+                    f"reverse_answer matches all {len(records)} training answers",
+                    f"reverse_answer is wrong on {len(wrong)} of {len(records)} training records",
+                    'hint: the word is what follows "reverse: "; s[::-1] reverses a string')
 
 
 def check_chat_prompt(fn: Callable) -> bool:
@@ -50,11 +50,11 @@ def check_chat_prompt(fn: Callable) -> bool:
             return verdict(False, "chat_prompt raised an error", [error])
         if got != expected:
             problems.append(f"{question!r}: expected {expected!r}, got {got!r}")
-    if problems:
-        return verdict(False, "chat_prompt does not match the tokenizer's chat template yet", problems[:3] + [
-            "hint: print(tokenizer.chat_template), or render one example with apply_chat_template(tokenize=False)"])
-    return verdict(True, "chat_prompt matches apply_chat_template on 4 questions", [
-        "the model answers after <|assistant|>; generation stops at the end-of-sequence token </s>"])
+    return conclude(not problems, problems[:3] or [
+        "the model answers after <|assistant|>; generation stops at the end-of-sequence token </s>"],
+        "chat_prompt matches apply_chat_template on 4 questions",
+        "chat_prompt does not match the tokenizer's chat template yet",
+        "hint: print(tokenizer.chat_template), or render one example with apply_chat_template(tokenize=False)")
 
 
 # ---- 01 low-rank math ----
@@ -87,12 +87,11 @@ def check_merged_weight(fn: Callable) -> bool:
             problem = "your function changed W0, A or B in place: return a new tensor instead"
         if problem:
             problems.append(problem)
-    if problems:
-        return verdict(False, "merged_weight is not W0 + (alpha / r) B A yet", problems +
-                       ["hint: B is (d_out, r) and A is (r, d_in), so B @ A has the shape of W0"])
-    return verdict(True, "merged_weight matches LoRALinear.merge() on 3 shapes", [
-        "one (d_out, d_in) matmul at inference, exactly as cheap as the base layer"])
-
+    return conclude(not problems, problems or ["one (d_out, d_in) matmul at inference, exactly as cheap as the base "
+                                               "layer"],
+                    "merged_weight matches LoRALinear.merge() on 3 shapes",
+                    "merged_weight is not W0 + (alpha / r) B A yet",
+                    "hint: B is (d_out, r) and A is (r, d_in), so B @ A has the shape of W0")
 
 
 def check_lora_from_delta(fn: Callable) -> bool:
@@ -102,8 +101,9 @@ def check_lora_from_delta(fn: Callable) -> bool:
     The oracle is torch.linalg.svd: by Eckart–Young the truncated SVD U_r diag(S_r) V_rᵀ is the closest matrix of
     rank r, unique here because the test matrices have distinct singular values.
     """
-    details, ok = [], True
-    for d_out, d_in, r, alpha in ((64, 128, 8, 16.0), (32, 32, 4, 4.0), (48, 16, 2, 32.0)):
+
+    def judge(case: tuple[int, int, int, float]) -> tuple[str | None, str]:
+        d_out, d_in, r, alpha = case
         gen = torch.Generator().manual_seed(d_out + r)
         # like the ΔW of section 2: directions of decaying strength, and a little noise everywhere
         k = min(d_out, d_in)
@@ -122,18 +122,19 @@ def check_lora_from_delta(fn: Callable) -> bool:
             if error is None:
                 update = (alpha / r) * (B.detach().float() @ A.detach().float())  # (d_out, d_in)
                 error = compare_tensors("(alpha / r) B A", update, best, atol=1e-4 * best.abs().max().item())
-        ok &= error is None
         left = ((delta - best).norm() / delta.norm()).item()
-        details.append(f"ΔW {(d_out, d_in)}, r={r}, alpha={alpha:g}: " + (
-            error or f"the best rank-{r} update; it misses {left:.1%} of ΔW, the Eckart–Young minimum"))
-        if unwritten(error):
-            break
+        return error, f"the best rank-{r} update; it misses {left:.1%} of ΔW, the Eckart–Young minimum"
+
+    cases = ((64, 128, 8, 16.0), (32, 32, 4, 4.0), (48, 16, 2, 32.0))
+    ok, details = run_cases(((f"ΔW {(d_out, d_in)}, r={r}, alpha={alpha:g}", (d_out, d_in, r, alpha))
+                             for d_out, d_in, r, alpha in cases), judge)
     return conclude(ok, details, "lora_from_delta extracts the best rank-r LoRA",
                     "lora_from_delta needs another look",
                     "hint: U, S, Vh = torch.linalg.svd(delta, full_matrices=False); keep the top r directions, "
                     "and remember the layer multiplies B A by alpha / r")
 
 # ---- 02 NF4 ----
+
 
 def check_pack_4bit(fn: Callable) -> bool:
     """Notebook 02: fn(codes (n,) uint8 0..15) -> (ceil(n/2), 1) uint8, high nibble first, odd n padded with code 7.
@@ -145,21 +146,20 @@ def check_pack_4bit(fn: Callable) -> bool:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from bitsandbytes.functional import quantize_4bit
 
-    details, ok = [], True
-    for n in (10, 7, 65):
+    def judge(n: int) -> tuple[str | None, str]:
         w = torch.randn(n, generator=torch.Generator().manual_seed(n))
         expected, _ = quantize_4bit(w, quant_type="nf4")
         codes = torch.stack([expected.reshape(-1) >> 4, expected.reshape(-1) & 0xF], dim=1).reshape(-1)[:n].clone()
         got, error = attempt(fn, codes.clone())
         if error is None and isinstance(got, torch.Tensor) and got.dtype != torch.uint8:
             error = f"expected dtype torch.uint8, got {got.dtype} (build the bytes with uint8 shifts and |)"
-        error = error or compare_tensors("packed bytes", got, expected, atol=0)
-        ok &= error is None
-        details.append(f"{n} codes: " + (error or f"{expected.shape[0]} bytes, identical to bitsandbytes"))
-        if unwritten(error):
-            break
-    return verdict(ok, "pack_4bit matches bitsandbytes' layout" if ok else "pack_4bit needs another look", details)
+        return (error or compare_tensors("packed bytes", got, expected, atol=0),
+                f"{expected.shape[0]} bytes, identical to bitsandbytes")
 
+    ok, details = run_cases(((f"{n} codes", n) for n in (10, 7, 65)), judge)
+    return conclude(ok, details, "pack_4bit matches bitsandbytes' layout", "pack_4bit needs another look",
+                    "hint: pad an odd count with one code 7, then byte i is (codes[2i] << 4) | codes[2i + 1], "
+                    "as a column of shape (ceil(n/2), 1)")
 
 
 def check_nf4_roundtrip(fn: Callable) -> bool:
@@ -181,17 +181,17 @@ def check_nf4_roundtrip(fn: Callable) -> bool:
     cases = {"256 weights, blocks of 64": (torch.randn(256, generator=gen), 64),
              "100 weights, blocks of 32 (the last block is partial)": (torch.randn(100, generator=gen), 32),
              "a block of zeros, then one with an outlier": (sparse, 64)}
-    details, ok = [], True
-    for name, (w, blocksize) in cases.items():
+
+    def judge(case: tuple[torch.Tensor, int]) -> tuple[str | None, str]:
+        w, blocksize = case
         packed, state = quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
         expected = dequantize_4bit(packed, state).reshape(-1)  # (n,)
         got, error = attempt(fn, w.clone(), blocksize)
-        error = error or compare_tensors("dequantised weights", got, expected, atol=1e-6)
-        ok &= error is None
         relative = ((expected - w).norm() / w.norm()).item()
-        details.append(f"{name}: " + (error or f"identical to bitsandbytes (relative error {relative:.3f})"))
-        if unwritten(error):
-            break
+        return (error or compare_tensors("dequantised weights", got, expected, atol=1e-6),
+                f"identical to bitsandbytes (relative error {relative:.3f})")
+
+    ok, details = run_cases(cases.items(), judge)
     return conclude(ok, details, "nf4_roundtrip matches bitsandbytes",
                     "nf4_roundtrip differs from bitsandbytes",
                     "hint: pad to whole blocks, absmax = blocks.abs().amax(dim=1, keepdim=True); the nearest level "

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten
+from lorakit.exercises.common import attempt, compare_tensors, conclude, run_cases
 
 
 def _parse_train_flags(argv: list[str]):
@@ -39,8 +39,9 @@ def check_train_flags(fn: Callable) -> bool:
     cases = [("runs/seed", 8, 16, ["q_proj", "v_proj"], False),
              ("runs/attention", 16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"], True),
              ("runs/mlp", 4, 8, ["down_proj"], False)]
-    details, ok = [], True
-    for output_dir, r, alpha, targets, q_lora in cases:
+
+    def judge(case: tuple[str, int, int, list[str], bool]) -> tuple[str | None, str]:
+        output_dir, r, alpha, targets, q_lora = case
         got, error = attempt(fn, output_dir, r, alpha, list(targets), q_lora)
         if error is None and not (isinstance(got, list) and all(isinstance(a, str) for a in got)):
             error = f"expected a list of strings like sys.argv[1:], got {got!r:.60}"
@@ -61,11 +62,11 @@ def check_train_flags(fn: Callable) -> bool:
             elif wrong:
                 error = wrong[0] + (" (a flag you leave out keeps its default)" if len(wrong) == 1 else
                                     f", and {len(wrong) - 1} more")
-        ok &= error is None
-        details.append(f"r={r}, alpha={alpha}, {'+'.join(t.replace('_proj', '') for t in targets)}"
-                       f"{', QLoRA' if q_lora else ''}: " + (error or f"parsed back exactly ({len(got)} strings)"))
-        if unwritten(error):
-            break
+        return error, (f"parsed back exactly ({len(got)} strings)" if error is None else "")
+
+    ok, details = run_cases(((f"r={r}, alpha={alpha}, {'+'.join(t.replace('_proj', '') for t in targets)}"
+                              f"{', QLoRA' if q_lora else ''}", (output_dir, r, alpha, targets, q_lora))
+                             for output_dir, r, alpha, targets, q_lora in cases), judge)
     return conclude(ok, details, "lorakit-train parses your flags as intended",
                     "lorakit-train reads something else",
                     "hint: flags are the dataclass field names: --lora_r 8; a list takes several values "
@@ -92,8 +93,9 @@ def check_merge_adapter(fn: Callable) -> bool:
                          num_attention_heads=2, num_key_value_heads=1)
     cases = [(4, 8, ["q_proj", "v_proj"], False), (2, 16, ["o_proj", "down_proj"], False),
              (8, 16, ["q_proj", "k_proj", "v_proj"], True)]
-    details, ok = [], True
-    for r, alpha, targets, rslora in cases:
+
+    def judge(case: tuple[int, int, list[str], bool]) -> tuple[str | None, str]:
+        r, alpha, targets, rslora = case
         torch.manual_seed(r)
         base = LlamaForCausalLM(config)
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -115,16 +117,14 @@ def check_merge_adapter(fn: Callable) -> bool:
             missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
             error = (f"missing {len(missing)} key(s), e.g. {missing[0]}" if missing else
                      f"{len(extra)} key(s) the merged model does not have, e.g. {extra[0]}")
-        if error is None:
-            changed = [k for k in expected if not torch.equal(expected[k], base_state[k])]
-            for key in expected:
-                error = error or compare_tensors(key, got[key], expected[key], atol=1e-5)
-        ok &= error is None
-        details.append(f"r={r}, alpha={alpha}, {'+'.join(t.replace('_proj', '') for t in targets)}"
-                       f"{', rsLoRA' if rslora else ''}: " + (error or f"{len(changed)} weights merged, equal to "
-                                                              "peft's merge_and_unload()"))
-        if unwritten(error):
-            break
+        for key in expected:  # stops comparing at the first difference
+            error = error or compare_tensors(key, got[key], expected[key], atol=1e-5)
+        changed = [k for k in expected if not torch.equal(expected[k], base_state[k])]
+        return error, f"{len(changed)} weights merged, equal to peft's merge_and_unload()"
+
+    ok, details = run_cases(((f"r={r}, alpha={alpha}, {'+'.join(t.replace('_proj', '') for t in targets)}"
+                              f"{', rsLoRA' if rslora else ''}", (r, alpha, targets, rslora))
+                             for r, alpha, targets, rslora in cases), judge)
     return conclude(ok, details, "your merge equals peft's merge_and_unload()",
                     "your merge differs from peft's",
                     'hint: an adapter key is "base_model.model." + <layer> + ".lora_A.weight"; the base key is '

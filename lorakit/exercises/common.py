@@ -1,19 +1,26 @@
-"""What every check shares: run the learner's function safely, compare tensors, print the verdict.
+"""What every check shares: call the learner's function safely, judge it case by case, compare tensors, print verdicts.
 
 A check never raises a bare AssertionError: an exception inside the learner's code becomes one line of its verdict.
+The usual shape of a check, with `judge(case) -> (problem or None, what is right)`:
+
+    ok, details = run_cases(cases.items(), judge)
+    return conclude(ok, details, "what passing means", "what failing means", "hint: where to look")
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
 NOT_WRITTEN = "not written yet"
+Case = TypeVar("Case")
 
 
 def verdict(ok: bool, title: str, details: list[str]) -> bool:
+    """Print ✅ or ❌ with the title, then each detail indented under it; return ok."""
     print(("✅ " if ok else "❌ ") + title)
     for line in details:
         print("   " + line)
@@ -28,6 +35,24 @@ def conclude(ok: bool, details: list[str], passed: str, failed: str, hint: str) 
 def unwritten(error: str | None) -> bool:
     """True while the learner's function is still the stub: further cases would only repeat the same line."""
     return bool(error) and error.startswith(NOT_WRITTEN)
+
+
+def run_cases(cases: Iterable[tuple[str, Case]], judge: Callable[[Case], tuple[str | None, str]]
+              ) -> tuple[bool, list[str]]:
+    """Judge each (label, case) in turn; return (every case right, one verdict line per case judged).
+
+    judge(case) -> (problem, praise): problem is None when the learner's answer is right, otherwise a sentence saying
+    what is wrong; the case's line reads "label: problem" or "label: praise". The run stops after the first "not written
+    yet" (the stub), which every further case would only repeat.
+    """
+    ok, lines = True, []
+    for label, case in cases:
+        problem, praise = judge(case)
+        ok &= problem is None
+        lines.append(f"{label}: {problem or praise}")
+        if unwritten(problem):
+            break
+    return ok, lines
 
 
 def attempt(fn: Callable, *args, **kwargs) -> tuple[object, str | None]:

@@ -1,12 +1,12 @@
-"""Checks for notebooks 05 (Trainer run), 06 (ZeRO-3) and 07 (capstone): two "your turn" cells each."""
+"""Checks for notebooks 05 (Trainer run) and 06 (ZeRO-3): two "your turn" cells each."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from lorakit.exercises.common import attempt, compare_tensors, conclude, unwritten, verdict
+from lorakit.exercises.common import attempt, compare_tensors, conclude, run_cases
 
 # ---- 05 Trainer run ----
 
@@ -16,6 +16,7 @@ def check_last_checkpoint(fn: Callable) -> bool:
     The oracle is transformers.trainer_utils.get_last_checkpoint on folders built for the case: none, a few, the
     "checkpoint-9 vs checkpoint-10" ordering trap, and a file or a non-numeric folder that only looks like one.
     """
+    import os
     import tempfile
     from pathlib import Path
 
@@ -24,8 +25,9 @@ def check_last_checkpoint(fn: Callable) -> bool:
     cases = {"no checkpoint": ([], []), "two checkpoints": (["checkpoint-2", "checkpoint-4"], []),
              "checkpoint-9 and checkpoint-10": (["checkpoint-9", "checkpoint-10"], []),
              "look-alikes": (["checkpoint-3", "checkpoint-final", "runs"], ["checkpoint-99"])}
-    details, ok = [], True
-    for name, (folders, files) in cases.items():
+
+    def judge(case: tuple[list[str], list[str]]) -> tuple[str | None, str]:
+        folders, files = case
         with tempfile.TemporaryDirectory() as root:
             for folder in folders:
                 (Path(root) / folder).mkdir()
@@ -33,15 +35,20 @@ def check_last_checkpoint(fn: Callable) -> bool:
                 (Path(root) / file).write_text("not a checkpoint")
             expected = get_last_checkpoint(root)
             got, error = attempt(fn, root)
-            if error is None and (got is None) != (expected is None) or (
-                    got is not None and expected is not None and Path(got) != Path(expected)):
-                error = f"expected {expected and Path(expected).name}, got {got and Path(str(got)).name}"
-        ok &= error is None
-        details.append(f"{name}: " + (error or f"{expected and Path(expected).name}"))
-        if unwritten(error):
-            break
-    return verdict(ok, "you pick the checkpoint the Trainer would resume from" if ok else "not the checkpoint the "
-                   "Trainer would pick", details)
+        name = expected and Path(expected).name
+        if error is None and not (got is None or isinstance(got, str | os.PathLike)):
+            error = f"expected the path of a checkpoint-N folder (a str or Path) or None, got {type(got).__name__}"
+        elif error is None and got is not expected and (got is None or expected is None or Path(got) != Path(expected)):
+            got_name = None if got is None else Path(got).name or repr(os.fspath(got))
+            error = (f"expected {name}, got {got_name}" if got_name != name else
+                     f"expected {name} inside output_dir, got {os.fspath(got)!r}: join output_dir and the folder name")
+        return error, f"{name}"
+
+    ok, details = run_cases(cases.items(), judge)
+    return conclude(ok, details, "you pick the checkpoint the Trainer would resume from",
+                    "not the checkpoint the Trainer would pick",
+                    "hint: keep the folders (not files) named checkpoint-<digits>, compare their N as int, not as "
+                    "text, and return the path of the largest, or None")
 
 
 def _int_list(x: object) -> list[int] | None:
@@ -68,8 +75,8 @@ def check_label_conversation(fn: Callable) -> bool:
              "two exchanges": [("user", "upper: kiwi"), ("assistant", "KIWI"), ("user", "first: kiwi"),
                                ("assistant", "k")],
              "a system turn first": [("system", "be brief"), ("user", "add: 2+3"), ("assistant", "5")]}
-    details, ok = [], True
-    for name, turns in cases.items():
+
+    def judge(turns: list[tuple[str, str]]) -> tuple[str | None, str]:
         messages = [{"role": role, "content": text} for role, text in turns]
         expected_ids, expected_labels, _ = tokenize_conversation(tokenizer, messages, max_length=10_000)
         got, error = attempt(fn, tokenizer, [dict(m) for m in messages])
@@ -86,11 +93,10 @@ def check_label_conversation(fn: Callable) -> bool:
                 i = next(i for i, (a, b) in enumerate(zip(labels, expected_labels, strict=True)) if a != b)
                 error = (f"label {i} (token {tokenizer.convert_ids_to_tokens(ids[i])!r}): expected "
                          f"{expected_labels[i]}, got {labels[i]}")
-        ok &= error is None
         learned = sum(label != IGNORE_INDEX for label in expected_labels)
-        details.append(f"{name}: " + (error or f"{learned} of {len(expected_ids)} tokens carry a label"))
-        if unwritten(error):
-            break
+        return error, f"{learned} of {len(expected_ids)} tokens carry a label"
+
+    ok, details = run_cases(cases.items(), judge)
     return conclude(ok, details, "your labels match lorakit.data, turn by turn",
                     "your labels differ from lorakit.data",
                     "hint: for assistant turn k, the prompt is apply_chat_template(messages[:k], "
@@ -99,7 +105,8 @@ def check_label_conversation(fn: Callable) -> bool:
 # ---- 06 ZeRO-3 ----
 
 def check_adapter_names(fn: Callable) -> bool:
-    """fn(named_params, bias) -> the parameter names an adapter save must gather, for bias none/all/lora_only.
+    """Notebook 06: fn(named_params, bias) -> the parameter names an adapter save must gather, for each bias mode
+    (none, all, lora_only).
 
     The oracle is peft itself: on a small Llama with attention biases and LoRA on q_proj/v_proj, the expected names
     are exactly the parameters peft made trainable for that bias mode.
@@ -107,26 +114,29 @@ def check_adapter_names(fn: Callable) -> bool:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    details, ok = [], True
-    for bias in ("none", "all", "lora_only"):
+    short = lambda names: ", ".join(sorted(n.split("self_attn.")[-1] for n in names)[:3])  # noqa: E731
+
+    def judge(bias: str) -> tuple[str | None, str]:
         torch.manual_seed(0)
         base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                             num_attention_heads=2, num_key_value_heads=1, attention_bias=True))
         model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], bias=bias))
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
         got, error = attempt(fn, model.named_parameters(), bias)
+        if error is None and (isinstance(got, str) or not isinstance(got, Iterable)):
+            error = f"expected a list of parameter names, got {type(got).__name__}"
+        if error is None:
+            got, error = attempt(list, got)  # a generator runs the learner's code only now
+        if error is None and not all(isinstance(n, str) for n in got):
+            error = f"expected a list of parameter names (str), got {got!r:.60}"
         if error:
-            return verdict(False, "adapter_names raised an error", [f"bias={bias!r}: {error}"])
-        got = set(got)
-        short = lambda names: ", ".join(sorted(n.split("self_attn.")[-1] for n in names)[:3])  # noqa: E731
-        if got == expected:
-            details.append(f"bias={bias!r}: the {len(expected)} tensors peft trains")
-        else:
-            ok = False
-            if expected - got:
-                details.append(f"bias={bias!r}: missing {len(expected - got)}, e.g. {short(expected - got)}")
-            if got - expected:
-                details.append(f"bias={bias!r}: {len(got - expected)} too many, e.g. {short(got - expected)}")
+            return error, ""
+        missing, extra = expected - set(got), set(got) - expected
+        problems = ([f"missing {len(missing)}, e.g. {short(missing)}"] if missing else []) + (
+            [f"{len(extra)} too many, e.g. {short(extra)}"] if extra else [])
+        return "; ".join(problems) or None, f"the {len(expected)} tensors peft trains"
+
+    ok, details = run_cases(((f"bias={bias!r}", bias) for bias in ("none", "all", "lora_only")), judge)
     return conclude(ok, details, "adapter names match peft for every bias mode",
                     "adapter names differ from peft",
                     "hint: current peft keeps a wrapped layer's bias at <layer>.base_layer.bias")
@@ -159,11 +169,11 @@ def check_zero3_shard(fn: Callable) -> bool:
     Init._partition_param copies into ds_tensor.
     """
     cases = [((64, 128), 2), ((5, 3), 4), ((3,), 4), ((7,), 3)]
-    details, ok = [], True
-    for shape, world_size in cases:
+
+    def judge(case: tuple[tuple[int, ...], int]) -> tuple[str | None, str]:
+        shape, world_size = case
         param = torch.arange(1, torch.Size(shape).numel() + 1, dtype=torch.float32).reshape(shape)
         flat, size = param.reshape(-1), _deepspeed_partition_numel(param.numel(), world_size)
-        error = None
         for rank in range(world_size):
             got, error = attempt(fn, param.clone(), rank, world_size)
             if error is None and not isinstance(got, torch.Tensor):
@@ -175,13 +185,12 @@ def check_zero3_shard(fn: Callable) -> bool:
             error = error or compare_tensors(f"rank {rank}, its first {real.numel()} element(s)",
                                              got[:real.numel()], real, atol=0)
             if error:
-                break
-        ok &= error is None
+                return error, ""
         padding = size * world_size - param.numel()
-        details.append(f"{tuple(shape)} on {world_size} ranks: " + (
-            error or f"{size} element(s) per rank, {padding} padding element(s) at the end"))
-        if unwritten(error):
-            break
+        return None, f"{size} element(s) per rank, {padding} padding element(s) at the end"
+
+    ok, details = run_cases(((f"{shape} on {world_size} ranks", (shape, world_size))
+                             for shape, world_size in cases), judge)
     return conclude(ok, details, "your shards are the ones DeepSpeed keeps",
                     "your shards differ from DeepSpeed's",
                     "hint: s = -(-numel // world_size) (ceil); pad the flattened parameter with zeros to "
