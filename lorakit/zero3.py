@@ -23,15 +23,16 @@ A two-rank run on CPU that exercises all of it: `torchrun --nproc_per_node 2 -m 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-BIAS_MODES = ("none", "all", "lora_only")  # peft's LoraConfig(bias=...)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # lorakit's DeepSpeed JSON configs (zero2, zero3, offload)
 NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]  # what model.named_parameters() yields
 
@@ -109,6 +110,14 @@ def _rank() -> int:
     return torch.distributed.get_rank() if initialized else 0
 
 
+@functools.cache
+def bias_modes() -> tuple[str, ...]:
+    """peft's LoraConfig(bias=...) choices, read from its annotation Literal["none", "all", "lora_only"]."""
+    from peft import LoraConfig
+
+    return typing.get_args(typing.get_type_hints(LoraConfig)["bias"])
+
+
 def adapter_parameter_names(named_params: NamedParameters, bias: str = "none") -> list[str]:
     """Names of the parameters that make up the adapter, for one peft bias mode (keys as in model.named_parameters()).
 
@@ -121,8 +130,8 @@ def adapter_parameter_names(named_params: NamedParameters, bias: str = "none") -
         named_params: (name, parameter) pairs, e.g. model.named_parameters() of a PeftModel.
         bias: "none", "all" or "lora_only", as in LoraConfig(bias=...).
     """
-    if bias not in BIAS_MODES:
-        raise ValueError(f"bias={bias!r} is not a peft bias mode: use one of {', '.join(BIAS_MODES)}")
+    if bias not in bias_modes():
+        raise ValueError(f"bias={bias!r} is not a peft bias mode: use one of {', '.join(bias_modes())}")
     names = [name for name, _ in named_params]
     lora = [n for n in names if "lora_" in n]
     if bias == "none":

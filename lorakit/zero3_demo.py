@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from lorakit.zero3 import (
-    BIAS_MODES,
     CONFIGS,
+    bias_modes,
     get_peft_state_maybe_zero_3,
     load_config,
     maybe_init_cpu_distributed,
@@ -45,7 +45,7 @@ def demo(out: Path, config: Path = CONFIGS / "zero3.json", steps: int = 60, batc
         steps: optimizer steps.
         batch_size: examples per rank and step.
         lr: the learning rate (constant).
-        bias: the LoraConfig bias mode, one of BIAS_MODES.
+        bias: the LoraConfig bias mode, one of lorakit.zero3.bias_modes() (peft's).
         persistence_threshold: stage3_param_persistence_threshold; 0 partitions every tensor, None keeps the config's.
         saves: False trains and writes the partition reports only (what the bench needs).
     """
@@ -55,10 +55,8 @@ def demo(out: Path, config: Path = CONFIGS / "zero3.json", steps: int = 60, batc
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
     from transformers.utils import logging as hf_logging
 
-    from lorakit.data import DataCollator
-    from lorakit.evaluate import split_record
-    from lorakit.models import TASK_DIR, encode_pair, load_base
-    from lorakit.tasks import read_jsonl
+    from lorakit.data import DataCollator, SupervisedDataset, load_records
+    from lorakit.models import TASK_DIR, load_base
 
     hf_logging.set_verbosity_error()
     ds_config = load_config(config, persistence_threshold)
@@ -74,11 +72,7 @@ def demo(out: Path, config: Path = CONFIGS / "zero3.json", steps: int = 60, batc
     set_seed(0)  # the LoRA A init draws from the global generator; the Trainer seeds only after this
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                              bias=bias, task_type="CAUSAL_LM"))
-    train = []
-    for messages, answer in (split_record(r) for r in read_jsonl(TASK_DIR / "train.jsonl")):
-        ids, labels = encode_pair(tokenizer, messages[-1]["content"], answer)
-        train.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),  # (T,) each
-                      "attention_mask": torch.ones(len(ids), dtype=torch.long)})
+    train = SupervisedDataset(load_records(TASK_DIR / "train.jsonl"), tokenizer, tokenizer.model_max_length)
     collate = DataCollator(tokenizer.pad_token_id)
 
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, processing_class=tokenizer)
@@ -91,7 +85,7 @@ def demo(out: Path, config: Path = CONFIGS / "zero3.json", steps: int = 60, batc
         ungathered = get_peft_model_state_dict(model)
         report["ungathered_shapes"] = sorted({str(tuple(t.shape)) for t in ungathered.values()})
         model.save_pretrained(out / "ungathered")
-    probe = collate(train[:4])
+    probe = collate([train[i] for i in range(4)])
     model.eval()
     with torch.no_grad():  # a ZeRO-3 forward is collective: every rank runs it
         logits = model(input_ids=probe["input_ids"].to(args.device),
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8, help="per rank")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--bias", choices=BIAS_MODES, default="none")
+    parser.add_argument("--bias", choices=bias_modes(), default="none")
     parser.add_argument("--persistence-threshold", type=int, default=0,
                         help="stage3_param_persistence_threshold; -1 keeps the config's value")
     parser.add_argument("--no-saves", action="store_true", help="train and report the partition only")

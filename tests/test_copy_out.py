@@ -1,9 +1,9 @@
 """Each module README lists as "copies out alone" works as one file in an empty folder, with lorakit not importable.
 
-For every such module: the AST shows no import of lorakit (absolute or relative); the file, copied alone into an
-empty temporary folder, imports in a fresh `python -I` whose import system refuses lorakit, runs its docstring
-doctests (if any) and a small example from the table below; and README's copy-out table names exactly the
-third-party packages the module imports.
+For every such module: the AST shows no import of lorakit (absolute or relative) beyond the companions README names
+(data.py goes with records.py); the file, copied with its companions into an empty temporary folder, imports in a
+fresh `python -I` whose import system refuses lorakit, runs its docstring doctests (if any) and a small example from
+the table below; and README's copy-out table names exactly the third-party packages the module imports.
 """
 
 from __future__ import annotations
@@ -77,6 +77,19 @@ EXAMPLES = {
         labels = batch["labels"][0]
         assert (labels == IGNORE_INDEX).any() and (labels != IGNORE_INDEX).any()
     """,
+    "records": """
+        from records import DataError, check_record
+        good = {"conversations": [{"from": "human", "value": "reverse: ab"}, {"from": "gpt", "value": "ba"}]}
+        assert check_record(good, "x") == [{"role": "user", "content": "reverse: ab"},
+                                           {"role": "assistant", "content": "ba"}]
+        bad = {"conversations": [{"from": "bot", "value": "x"}]}
+        error = None
+        try:
+            check_record(bad, "train.jsonl:7")
+        except DataError as raised:
+            error = str(raised)
+        assert error and error.startswith("train.jsonl:7: turn 0 has unknown role"), error
+    """,
     "args": """
         from transformers import HfArgumentParser
         from args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
@@ -132,6 +145,9 @@ EXAMPLES = {
     """,
 }
 
+# module -> the lorakit modules copied with it (README's table says so); it imports them by their own names there
+WITH = {"data": ("records",)}
+
 # The prelude of every subprocess: the copied file's folder (the working directory) first on sys.path, and an import
 # hook that refuses lorakit, which the editable install would otherwise find from anywhere.
 PRELUDE = """
@@ -158,13 +174,16 @@ assert failed == 0, "docstring doctests failed"
 
 def imports(module: str) -> tuple[set[str], set[str]]:
     """(packages imported when the module is imported, packages imported only inside its functions): top-level names,
-    stdlib and __future__ left out, a relative import shown as '.'."""
+    stdlib, __future__ and the module's companions (WITH) left out, a relative import shown as '.'."""
     at_import, in_functions = set(), set()
+    companions = {name for c in WITH.get(module, ()) for name in (c, f"lorakit.{c}")}
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import):
                 found = {alias.name.split(".")[0] for alias in child.names}
+            elif isinstance(child, ast.ImportFrom) and child.module in companions:
+                continue  # `from lorakit.records import ...`, or `from records import ...` once copied out
             elif isinstance(child, ast.ImportFrom):
                 found = {"." if child.level else child.module.split(".")[0]}
             else:
@@ -213,7 +232,8 @@ def test_readme_lists_no_other_module():
 
 @pytest.mark.parametrize("module", EXAMPLES)
 def test_runs_copied_alone(module, tmp_path):
-    shutil.copy(PACKAGE / f"{module}.py", tmp_path)
+    for name in (module, *WITH.get(module, ())):
+        shutil.copy(PACKAGE / f"{name}.py", tmp_path)
     example = EXAMPLES[module] or docstring_example(module).replace(f"lorakit.{module}", module)  # as copied
     code = PRELUDE.replace("MODULE", module) + textwrap.dedent(example)
     result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,

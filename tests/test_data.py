@@ -1,4 +1,7 @@
-"""lorakit.data: every bad record is named by file:line, labels cover exactly the replies, loading is fuzzed."""
+"""lorakit.data: labels cover exactly the replies, the collator pads right, every check names the record's line.
+
+Reading and validating the records is tests/test_records.py.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from test_records import GOOD, conv, write_lines
 
 from lorakit.data import (
     IGNORE_INDEX,
@@ -25,7 +27,7 @@ from lorakit.data import (
     tokenize_conversation,
     unknown_share,
 )
-from lorakit.models import TASK_DIR, encode_pair, load_base
+from lorakit.models import TASK_DIR, load_base
 
 
 @pytest.fixture(scope="module")
@@ -33,99 +35,13 @@ def tokenizer():
     return load_base("tiny")[1]
 
 
-def conv(*turns: tuple[str, str]) -> dict:
-    return {"conversations": [{"from": who, "value": text} for who, text in turns]}
-
-
-GOOD = conv(("human", "reverse: abc"), ("gpt", "cba"))
-
-
-def write_lines(path, lines: list[str]):
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "not JSON"),
-    ("[1, 2]", "a record must be a JSON object"),
-    ('{"id": 3}', 'missing key "conversations"'),
-    ('{"conversations": []}', "must be a non-empty list"),
-    ('{"conversations": [{"from": "human"}]}', 'turn 0 must be an object with "from" and "value"'),
-    (json.dumps(conv(("human", "hi"), ("bot", "yo"))), "turn 1 has unknown role \"from\": 'bot'"),
-    (json.dumps(conv(("human", "hi"), ("gpt", "  "))), 'turn 1 (gpt) has an empty "value"'),
-    (json.dumps(conv(("gpt", "hi"), ("human", "yo"))), "the first turn (after an optional system turn) must be from"),
-    (json.dumps(conv(("human", "a"), ("human", "b"))), "turns must alternate human, gpt"),
-    (json.dumps(conv(("system", "be terse"), ("human", "hi"))), 'no "gpt" reply to learn from'),
-])
-def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
-    path = write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD), "", line])  # the bad record is on line 3
-    with pytest.raises(DataError) as error:
-        load_records(path)
-    assert f"{path}:3" in str(error.value) and message in str(error.value)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("", "no records; the file is empty"),
-    ("\n\n", "no records; the file is empty"),
-])
-def test_empty_files(tmp_path, text, message):
-    for suffix in (".jsonl", ".json"):
-        path = tmp_path / f"d{suffix}"
-        path.write_text(text)
-        with pytest.raises(DataError, match=message):
-            load_records(path)
-
-
-def test_json_errors_name_record_index(tmp_path):
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps([GOOD, GOOD, {"conversation": []}]))
-    with pytest.raises(DataError, match=r"train.json record 2: missing key \"conversations\""):
-        load_records(path)
-    path.write_text('[\n{"conversations": [\n}')
-    with pytest.raises(DataError, match=r"train.json:3: not JSON"):
-        load_records(path)
-    path.write_text(json.dumps(GOOD))
-    with pytest.raises(DataError, match="must hold a list of records, got dict"):
-        load_records(path)
-
-
-def test_bad_path_and_format(tmp_path):
-    with pytest.raises(DataError, match="unknown data format '.csv'"):
-        load_records(tmp_path / "x.csv")
-    with pytest.raises(DataError, match="no such file"):
-        load_records(tmp_path / "missing.jsonl")
-    (tmp_path / "latin.jsonl").write_bytes(b"\xff\xfe")
-    with pytest.raises(DataError, match="not UTF-8"):
-        load_records(tmp_path / "latin.jsonl")
-
-
-def test_json_and_jsonl_load_the_same(tmp_path):
-    records = load_records(TASK_DIR / "eval.jsonl")
-    (tmp_path / "eval.json").write_text(json.dumps(records, indent=1))
-    assert load_records(tmp_path / "eval.json") == records and len(records) == 100
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.text(max_size=200), st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.sampled_from(["human", "gpt", "system"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["conversations", "from", "value", "id"]), inner, max_size=3), max_leaves=12).map(json.dumps)),
-    st.sampled_from([".jsonl", ".json"]))
-def test_fuzz_loads_or_raises_data_error(tmp_path, text, suffix):
-    path = tmp_path / f"fuzz{suffix}"
-    path.write_text(text, encoding="utf-8")
-    try:
-        records = load_records(path)
-    except DataError as error:
-        assert str(path) in str(error)
-        return
-    assert records and all(check_record(r, "again") for r in records)
-
-
-def test_labels_only_on_replies_and_match_pretraining_encoding(tokenizer):
+def test_labels_only_on_the_reply(tokenizer):
     messages = check_record(GOOD, "x")
     ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_length=512)
-    assert (ids, labels) == encode_pair(tokenizer, "reverse: abc", "cba") and not truncated
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False) and not truncated
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # the prompt as generation will see it
+    assert labels[:n] == [IGNORE_INDEX] * n and labels[n:] == ids[n:]
     learned = tokenizer.decode([i for i in labels if i != IGNORE_INDEX])
     assert learned == "cba" + tokenizer.eos_token
 
@@ -153,15 +69,31 @@ def test_lazy_equals_eager(tokenizer):
     assert len(lazy.cache) == 10
 
 
-def test_collator_pads_right():
-    examples = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
-                 "attention_mask": torch.ones(3, dtype=torch.long)},
-                {"input_ids": torch.tensor([8]), "labels": torch.tensor([8]), "attention_mask": torch.ones(1)}]
+EXAMPLES = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+
+
+@pytest.mark.parametrize("as_tensors", [False, True], ids=["lists", "tensors"])
+def test_collator_pads_right(as_tensors):
+    examples = [{k: torch.tensor(v) if as_tensors else v for k, v in e.items()} for e in EXAMPLES]
     batch = DataCollator(pad_token_id=0)(examples)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(t.dtype == torch.long for t in batch.values())
     assert DataCollator(pad_token_id=0, pad_to_multiple_of=8)(examples)["input_ids"].shape == (2, 8)
+
+
+def test_collator_equals_transformers_seq2seq_collator_on_right_padding(tokenizer):
+    """The oracle: DataCollatorForSeq2Seq, which pads through tokenizer.pad and labels with -100, does the same job
+    when tokenizer.padding_side is "right"; lorakit's pads right whatever that setting says."""
+    from transformers import DataCollatorForSeq2Seq
+
+    dataset = SupervisedDataset(load_records(TASK_DIR / "eval.jsonl")[:16], tokenizer, 64)
+    examples = [{k: dataset[i][k].tolist() for k in ("input_ids", "labels")} for i in range(16)]
+    ours = DataCollator(tokenizer.pad_token_id)(examples)
+    theirs = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                    return_tensors="pt")(examples)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_pad_token_without_unk(tokenizer):
@@ -179,15 +111,6 @@ def test_make_supervised_data_module(tokenizer):
     assert len(module["train_dataset"]) == 600 and module["eval_dataset"] is None
     batch = module["data_collator"]([module["train_dataset"][i] for i in range(4)])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-
-
-def test_locations_name_the_line_despite_blank_lines(tmp_path):
-    path = write_lines(tmp_path / "train.jsonl", ["", json.dumps(GOOD), "", "", json.dumps(GOOD)])
-    records, locations = load_records_with_locations(path)
-    assert records == [GOOD, GOOD] and locations == [f"{path}:2", f"{path}:5"]
-    (tmp_path / "train.json").write_text(json.dumps([GOOD, GOOD], indent=2))
-    assert load_records_with_locations(tmp_path / "train.json")[1] == [f"{tmp_path / 'train.json'} record {i}"
-                                                                       for i in (0, 1)]
 
 
 TRAILING_HUMAN = conv(("human", "q"), ("gpt", "a"), ("human", "and then?"))

@@ -1,15 +1,13 @@
-"""The real-model track: cache location, the clear errors, records and encoding; conversion and loading of SmolLM2.
+"""The real-model track: cache location, the clear errors, the task records; conversion and loading of SmolLM2.
 
 Tests marked real_model need the converted checkpoint (python -m lorakit.models smollm2) and skip without it; the
 default run never downloads anything.
 """
 
-import importlib.util
 import zipfile
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from lorakit import models, smollm2
 
@@ -28,13 +26,6 @@ def test_cache_follows_the_environment_variable(empty_cache):
     assert smollm2.cache_dir() == empty_cache
     assert smollm2.checkpoint_dir() == empty_cache / smollm2.CHECKPOINT
     assert not smollm2.is_cached()
-
-
-def test_models_registry_reads_the_same_cache_at_import(empty_cache):
-    spec = importlib.util.spec_from_file_location("models_fresh", models.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
-    assert fresh.MODELS["smollm2"] == smollm2.checkpoint_dir() == empty_cache / "smollm2-135m-instruct"
 
 
 @pytest.mark.parametrize("how", ["load_base by name", "LORAKIT_MODEL", "smollm2.load"])
@@ -75,18 +66,6 @@ def test_addition_task_is_held_out_and_correct():
     assert smollm2.addition_task(n_train=200, n_eval=40, seed=3) == (train, held_out)
 
 
-@pytest.mark.parametrize("record", [smollm2.addition_task(4, 1)[0][0], smollm2.addition_task(4, 1)[1][0]])
-def test_encode_masks_the_prompt_and_collate_pads(record):
-    tokenizer = AutoTokenizer.from_pretrained(models.TINY_DIR)  # any chat tokenizer shows the rule
-    feature = smollm2.encode(tokenizer, record)
-    answer = [t for t in feature["labels"] if t != -100]
-    assert tokenizer.decode(answer) == record["conversations"][1]["value"] + tokenizer.eos_token
-    assert feature["input_ids"][-len(answer):] == answer
-    batch = smollm2.collate([feature, {"input_ids": [5], "labels": [5]}], pad_id=tokenizer.pad_token_id)
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, len(feature["input_ids"]))
-    assert batch["attention_mask"][1].sum() == 1 and (batch["labels"][1, 1:] == -100).all()
-
-
 @pytest.mark.real_model
 @cached
 def test_cached_checkpoint_loads_as_plain_llama_and_answers():
@@ -99,6 +78,24 @@ def test_cached_checkpoint_loads_as_plain_llama_and_answers():
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.real_model
+@cached
+def test_demo_data_goes_through_the_course_encoder_and_collator():
+    """The demo tokenises with lorakit.data: on SmolLM2's template the labels are the answer and its end of turn."""
+    from transformers import AutoTokenizer
+
+    from lorakit.data import IGNORE_INDEX, DataCollator, SupervisedDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.checkpoint_dir())
+    train, _ = smollm2.addition_task(n_train=4, n_eval=1)
+    dataset = SupervisedDataset(train, tokenizer, max_length=512)
+    for i, r in enumerate(train):
+        learned = [t for t in dataset[i]["labels"].tolist() if t != IGNORE_INDEX]
+        assert tokenizer.decode(learned) == r["conversations"][1]["value"] + tokenizer.eos_token + "\n"
+    batch = DataCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, max(len(dataset[i]["input_ids"]) for i in range(4)))
 
 
 @pytest.mark.real_model
