@@ -114,6 +114,7 @@ EXAMPLES = {
         assert register() == "lorakit_tiled"
     """,
     "meter": None,
+    "memory": None,
     "runs": """
         from runs import MARKER, RunDirError, open_run
         run = open_run("out", settings={"--learning_rate": 3e-3})

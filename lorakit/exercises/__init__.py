@@ -27,6 +27,7 @@ from lorakit.exercises.layers import (
     check_lora_parameter_count,
     check_online_softmax_step,
 )
+from lorakit.exercises.planning import check_loss_bytes, check_nf4_bytes
 from lorakit.exercises.training import (
     check_adapter_names,
     check_label_conversation,
@@ -44,4 +45,5 @@ __all__ = [
     "check_last_checkpoint", "check_label_conversation",  # 05
     "check_adapter_names", "check_zero3_shard",  # 06
     "check_train_flags", "check_merge_adapter",  # 07
+    "check_loss_bytes", "check_nf4_bytes",  # 08
 ]
