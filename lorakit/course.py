@@ -60,6 +60,30 @@ def quiet() -> None:
         warnings.filterwarnings(action, message, getattr(builtins, category), re.escape(module) + r"\Z")
 
 
+def setup(seed: int = 0) -> str:
+    """The first call of every notebook: the course's quiet, reproducible set-up in one place; returns the model name.
+
+    QUIET's library warnings hidden (before the imports that raise them), bitsandbytes' optional-kernel notice and
+    transformers' info logs and progress bars off, DeepSpeed told it is on CPU when there is no GPU (else it logs its
+    accelerator guess at every import), torch seeded. The model is $LORAKIT_MODEL, else "tiny" (lorakit.models).
+    """
+    quiet()
+    import logging
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.manual_seed(seed)
+    from lorakit.models import default_model
+
+    return default_model()
+
+
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
