@@ -1,17 +1,18 @@
-"""Supervised chat data: FastChat conversation records -> token ids with labels only on the assistant replies.
+"""Supervised chat data: conversation records -> token ids with labels only on the assistant replies.
 
     from lorakit.data import load_records, make_supervised_data_module
     records = load_records("data/task/train.jsonl")         # validated; a DataError names file:line and the fix
     module = make_supervised_data_module(tokenizer, data_args)   # {train_dataset, eval_dataset, data_collator}
     for line in data_report(module["train_dataset"]): print(line)  # truncation, nothing to learn, unknown chars
 
-Reading and validating the records is lorakit.records (re-exported here); this module tokenises and batches them.
+Reading and validating the records is lorakit.records (re-exported here): it makes either shape, ShareGPT or
+"messages", the same chat messages, so the tokens are the same too. This module tokenises and batches them.
 
-Tokenisation renders the conversation with the tokenizer's own chat template and splits it at the turn boundaries:
-for each assistant turn k, prompt_k = template(turns before k, add_generation_prompt) and full_k = template(turns up to
-k). Characters in [len(prompt_k), len(full_k)) are the reply (and its end-of-turn token): they get labels; everything
-else gets label -100, which the loss ignores. The seed (FastChat train.py) instead re-tokenised string pieces with a
-"-2 hard-coded for the LLaMA tokenizer" offset, which silently mis-masks every other tokenizer.
+Tokenisation renders the conversation with the tokenizer's own chat template and splits it at the turn boundaries: for
+each assistant turn k, prompt_k = template(turns before k, add_generation_prompt) and full_k = template(turns up to k).
+Characters in [len(prompt_k), len(full_k)) are the reply (and its end-of-turn token): they get labels; everything else
+(system prompt, questions, replies marked "weight": 0) gets label -100, which the loss ignores. The seed (FastChat
+train.py) re-tokenised pieces with a "-2 hard-coded for the LLaMA tokenizer" offset, mis-masking any other tokenizer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ except ModuleNotFoundError:  # copied out of lorakit: records.py sits next to th
     from records import ROLES, DataError, check_record, load_records, load_records_with_locations  # noqa: F401
 
 IGNORE_INDEX = -100  # the label value torch.nn.CrossEntropyLoss (and transformers) skips
+NO_SYSTEM = "if the template cannot render a system role, put the system text at the start of the first user turn"
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -36,7 +38,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
 
     Args:
         tokenizer: a tokenizer with a chat_template (its special tokens are parsed from the rendered text).
-        messages: chat messages [{"role", "content"}], as returned by check_record.
+        messages: chat messages [{"role", "content"}] from check_record; a reply with "weight": 0 is not learned.
         max_length: keep at most this many tokens (the tail is cut, as the seed's truncation did).
     Returns:
         input_ids (T,), labels (T,) equal to input_ids on assistant replies and IGNORE_INDEX elsewhere, and whether
@@ -46,10 +48,17 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
         raise ValueError(f"{type(tokenizer).__name__} has no chat_template; set tokenizer.chat_template (a Jinja "
                          "template) or use an instruct/chat checkpoint's tokenizer")
     render = tokenizer.apply_chat_template
-    full = render(messages, tokenize=False)
+    try:
+        full = render(messages, tokenize=False)
+    except Exception as error:  # jinja2's TemplateError (not imported: data.py needs only torch): raise_exception
+        if type(error).__module__.startswith("jinja2"):
+            raise ValueError(f"the chat template refuses this conversation ({error}); {NO_SYSTEM}") from error
+        raise
+    if messages[0]["role"] == "system" and messages[0]["content"].strip() not in full:
+        raise ValueError(f"the chat template drops the system message, so the model would never see it; {NO_SYSTEM}")
     cuts, spans = [0], []  # character boundaries; spans[i] says whether piece i is a reply
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight") == 0:
             continue
         prompt = render(messages[:k], add_generation_prompt=True, tokenize=False)
         upto = full if k == len(messages) - 1 else render(messages[:k + 1], tokenize=False)  # one render fewer
@@ -59,8 +68,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
                              "turn-dependent text, or mask labels yourself")
         cuts += [len(prompt), len(upto)]
         spans += [False, True]
-    cuts.append(len(full))
-    spans.append(False)
+    cuts, spans = [*cuts, len(full)], [*spans, False]
     input_ids: list[int] = []
     labels: list[int] = []
     for (start, end), is_reply in zip(zip(cuts[:-1], cuts[1:], strict=True), spans, strict=True):
@@ -73,11 +81,6 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
         labels += ids if is_reply else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > max_length
     return input_ids[:max_length], labels[:max_length], truncated
-
-
-def _tensors(ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "attention_mask": torch.ones(len(ids), dtype=torch.long)}
 
 
 class _CheckedDataset(Dataset):
@@ -106,7 +109,10 @@ class _CheckedDataset(Dataset):
     def _tokenise(self, i: int) -> dict[str, torch.Tensor]:
         where = self.where(i)
         messages = check_record(self.records[i], where)
-        ids, labels, cut = tokenize_conversation(self.tokenizer, messages, self.max_length)
+        try:
+            ids, labels, cut = tokenize_conversation(self.tokenizer, messages, self.max_length)
+        except ValueError as error:  # the template and this record do not fit: name the record (lorakit-train: exit 2)
+            raise DataError(f"{where}: {error}") from error
         share = unknown_share(self.tokenizer, labels)
         chars = unknown_characters(self.tokenizer, messages) if share else []
         if share > 0.5:
@@ -123,7 +129,8 @@ class _CheckedDataset(Dataset):
             if hit:
                 self.first.setdefault(kind, where)
         self.unknown_chars = self.unknown_chars or chars
-        return _tensors(ids, labels)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "attention_mask": torch.ones(len(ids), dtype=torch.long)}
 
 
 class SupervisedDataset(_CheckedDataset):
@@ -255,7 +262,7 @@ def unknown_share(tokenizer, labels: list[int]) -> float:
 
 def unknown_characters(tokenizer, messages: list[dict]) -> list[str]:
     """The characters of the assistant replies that the tokenizer encodes, on their own, as its unknown token."""
-    text = "".join(m["content"] for m in messages if m["role"] == "assistant")
+    text = "".join(m["content"] for m in messages if m["role"] == "assistant" and m.get("weight") != 0)
     return [c for c in dict.fromkeys(text)
             if tokenizer.unk_token_id in tokenizer(c, add_special_tokens=False)["input_ids"]]
 

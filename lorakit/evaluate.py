@@ -1,39 +1,27 @@
 """Generation and held-out exact-match accuracy for chat models.
 
     from lorakit.evaluate import exact_match
-    accuracy = exact_match(model, tokenizer, records)   # records in FastChat format; 0.0 .. 1.0
+    accuracy = exact_match(model, tokenizer, records)   # ShareGPT or "messages" records (lorakit.records); 0.0 .. 1.0
 """
 
 from __future__ import annotations
 
 import torch
 
-from lorakit.records import ROLES  # FastChat speaker -> chat role: records.py validates files, this scores them
+from lorakit.records import check_record  # records.py validates and normalises both record shapes, this scores them
 
 
 def split_record(record: dict, where: str = "") -> tuple[list[dict], str]:
-    """(chat messages up to the last assistant turn, that turn's reference answer) for one FastChat record.
+    """(chat messages up to the last assistant turn, that turn's reference answer) for one record of either shape.
 
     Args:
-        record: {"conversations": [{"from", "value"}, ...]} with a question and ending with the "gpt" answer.
-        where: names the record in a ValueError, e.g. "data/eval.jsonl:7" (lorakit.data.load_records_with_locations
-            gives one per record); default: the record's id.
+        record: {"conversations": [{"from", "value"}, ...]} or {"messages": [{"role", "content"}, ...]}, validated by
+            lorakit.records.check_record as an evaluation record: a question, and last the assistant's answer.
+        where: names the record in a DataError (a ValueError), e.g. "data/eval.jsonl:7"
+            (lorakit.data.load_records_with_locations gives one per record); default: the record's id.
     """
     name = where or f"record {record.get('id', '?') if isinstance(record, dict) else record!r:.80}"
-    try:
-        turns = record["conversations"]
-        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{name} is not a FastChat conversation ({type(error).__name__}: {error}): expected "
-                         f"{{\"conversations\": [{{\"from\": one of {sorted(ROLES)}, \"value\": text}}, ...]}}; "
-                         "lorakit.data.load_records validates files with line numbers") from None
-    if not messages or messages[-1]["role"] != "assistant":
-        last = f"last turn from {turns[-1]['from']!r}" if messages else "no turns"
-        raise ValueError(f"{name} does not end with a 'gpt' turn to score against ({last}); end each evaluation record "
-                         "with its \"gpt\" answer, or drop the trailing turn")
-    if not any(m["role"] == "user" for m in messages[:-1]):
-        raise ValueError(f"{name} has no \"human\" question before its 'gpt' answer, so there is no prompt to "
-                         "generate from; add the question or drop the record")
+    messages = check_record(record, name, for_eval=True)  # the one validation: same messages for both shapes
     return messages[:-1], messages[-1]["content"]
 
 
@@ -80,7 +68,7 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16,
     """Fraction of records whose greedy reply equals the reference answer exactly (after stripping whitespace).
 
     Args:
-        records: FastChat records, each ending with its "gpt" reference answer.
+        records: conversation records of either shape (lorakit.records), each ending with its reference answer.
         locations: optional "file:line" per record (lorakit.data.load_records_with_locations), for error messages.
     """
     if not records:
