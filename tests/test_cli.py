@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_records import as_messages
 from test_runs import tree_hash
 
 from lorakit.launch import launch_env, torchrun_command
@@ -39,6 +40,13 @@ def files(tmp_path_factory) -> Path:
     (folder / "human_last.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     (folder / "emoji.jsonl").write_text(task["train"][0] + json.dumps({"conversations": [
         {"from": "human", "value": "reverse: abc"}, {"from": "gpt", "value": "\U0001f600\U0001f600\U0001f600"}]}) + "\n")
+    for name, lines in (("train", task["train"][:32]), ("eval", task["eval"][:8])):  # the slice, "messages" shape
+        (folder / f"{name}_messages.jsonl").write_text("".join(json.dumps(as_messages(json.loads(x))) + "\n"
+                                                               for x in lines))
+    in_messages = [json.dumps(as_messages(json.loads(line))) + "\n" for line in task["train"][:2]]
+    (folder / "messages_bad.jsonl").write_text(in_messages[0] + json.dumps(
+        {"messages": [{"role": "human", "content": "reverse: ab"}, {"role": "assistant", "content": "ba"}]}) + "\n")
+    (folder / "mixed.jsonl").write_text(task["train"][0] + in_messages[1])
     (folder / "bad_ds.json").write_text('{\n  "zero_optimization": {"stage": 3},\n  "train_batch_size" 8\n}\n')
     (folder / "config_only").mkdir()
     shutil.copy(ROOT / "data" / "tiny" / "config.json", folder / "config_only")
@@ -72,6 +80,10 @@ BAD_INPUTS = [
     (["--data_path", "{f}/broken.jsonl"], "broken.jsonl:2:"),
     (["--eval_data_path", "{f}/human_last.jsonl"], "human_last.jsonl:1"),
     (["--data_path", "{f}/emoji.jsonl"], "emoji.jsonl:2: 100% of a reply's tokens are the unknown token"),
+    (["--data_path", "{f}/messages_bad.jsonl"], "messages_bad.jsonl:2: message 0 has unknown role \"role\": 'human'; "
+                                                "use one of ['assistant', 'system', 'user']"),
+    (["--data_path", "{f}/mixed.jsonl"], "mixed.jsonl:2: this record is in the \"messages\" shape but the file's first "
+                                         "record ({f}/mixed.jsonl:1) is in the ShareGPT shape"),
     (["--model_max_length", "8"], "none of its 32 records has a reply token left after truncation"),
     (["--model_name_or_path", "llama"], "'llama' is not a directory and not a known name (tiny, smollm2)"),
     (["--model_name_or_path", "{f}/config_only"], "no usable tokenizer"),
@@ -249,6 +261,14 @@ def test_eval_path_comes_from_the_parsed_flags(files, tmp_path, capsys):
     assert f"({files / 'eval.jsonl'})" in capsys.readouterr().out
     assert main(quick(files, tmp_path / "b", "--eval_data_path", "", "--max_steps", "1")) == 0
     assert "held-out exact match" not in capsys.readouterr().out
+
+
+def test_messages_shape_trains_the_same_adapter_and_scores_its_eval_file(files, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(quick(files, out, "--data_path", str(files / "train_messages.jsonl"),
+                      "--eval_data_path", str(files / "eval_messages.jsonl"))) == 0
+    assert f"held-out exact match: 0.0% ({files / 'eval_messages.jsonl'})" in capsys.readouterr().out
+    assert max_diff(straight, out) == 0.0  # the same conversations in the other shape: same tokens, steps, adapter
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""lorakit.data: labels cover exactly the replies, the collator pads right, every check names the record's line.
+"""lorakit.data: labels cover exactly the replies (never a system prompt), the collator pads right, every check names
+the record's line, and both record shapes give the same tokens.
 
 Reading and validating the records is tests/test_records.py.
 """
@@ -10,7 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_records import GOOD, conv, write_lines
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_records import GOOD, GOOD_MESSAGES, as_messages, conv, msgs, write_lines
+from transformers import AutoTokenizer
 
 from lorakit.data import (
     IGNORE_INDEX,
@@ -27,7 +31,7 @@ from lorakit.data import (
     tokenize_conversation,
     unknown_share,
 )
-from lorakit.models import TASK_DIR, load_base
+from lorakit.models import TASK_DIR, TINY_DIR, load_base
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +250,73 @@ def test_task_data_gives_no_warnings(tokenizer, lazy):
             dataset[i]
         assert data_report(dataset) == [] and dataset.seen == len(dataset) in (600, 100)
         assert (dataset.truncated, dataset.no_labels, dataset.unknown, dataset.first) == (0, 0, 0, {})
+
+
+# --- Both record shapes and system prompts: the same messages give the same tokens, and a system prompt is prompt ---
+
+def test_both_shapes_give_identical_ids_and_labels_on_the_task(tmp_path, tokenizer):
+    records, locations = load_records_with_locations(TASK_DIR / "eval.jsonl", for_eval=True)
+    path = write_lines(tmp_path / "eval.jsonl", [json.dumps(as_messages(r)) for r in records])
+    ours, theirs = SupervisedDataset(records, tokenizer, 64), SupervisedDataset(load_records(path), tokenizer, 64)
+    assert len(ours) == len(theirs) == 100
+    assert all(torch.equal(ours[i][k], theirs[i][k]) for i in range(100) for k in ("input_ids", "labels"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(alphabet="abcxyz :+?", min_size=1, max_size=12).filter(str.strip), min_size=2, max_size=6),
+       st.sampled_from(["none", "turn", "record"]), st.text(alphabet="be terse", min_size=1, max_size=10))
+def test_property_both_shapes_tokenise_identically(tokenizer, texts, system_as, system):
+    """Any dialogue, written in ShareGPT (system prompt as a first turn or a record-level "system") and in "messages",
+    gives the same input_ids and labels; the system prompt and the questions are never labelled."""
+    system = system if system.strip() else "s"
+    turns = [("human" if i % 2 == 0 else "gpt", text) for i, text in enumerate(texts)]
+    sharegpt = conv(*([("system", system)] if system_as == "turn" else []), *turns,
+                    **({"system": system} if system_as == "record" else {}))
+    messages = as_messages(sharegpt)
+    ids, labels, _ = tokenize_conversation(tokenizer, check_record(sharegpt, "x"), 512)
+    assert (ids, labels) == tokenize_conversation(tokenizer, check_record(messages, "x"), 512)[:2]
+    eos = tokenizer.eos_token
+    assert tokenizer.decode([i for i in labels if i != IGNORE_INDEX]) == "".join(t + eos for t in texts[1::2])
+
+
+def test_system_prompt_is_rendered_and_masked(tokenizer):
+    record = msgs(("system", "be terse"), ("user", "reverse: abc"), ("assistant", "cba"))
+    ids, labels, _ = tokenize_conversation(tokenizer, check_record(record, "x"), 512)
+    text = tokenizer.decode(ids)
+    assert text.startswith(tokenizer.bos_token + "<|system|>be terse<|user|>reverse: abc<|assistant|>")
+    n = len(tokenizer(text[:text.index("cba")], add_special_tokens=False)["input_ids"])  # system + question + cue
+    assert labels[:n] == [IGNORE_INDEX] * n and tokenizer.decode(labels[n:]) == "cba" + tokenizer.eos_token
+    without = tokenize_conversation(tokenizer, check_record(GOOD_MESSAGES, "x"), 512)[1]
+    assert [i for i in labels if i != IGNORE_INDEX] == [i for i in without if i != IGNORE_INDEX]  # same targets
+
+
+def test_reply_with_weight_0_is_context_not_learned(tokenizer):
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": 0},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    ids, labels, _ = tokenize_conversation(tokenizer, check_record(record, "x"), 512)
+    assert "a1" in tokenizer.decode(ids) and tokenizer.decode([i for i in labels if i != IGNORE_INDEX]) == (
+        "a2" + tokenizer.eos_token)
+
+
+NO_SYSTEM_FIX = "if the template cannot render a system role, put the system text at the start of the first user turn"
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{% for m in messages %}{% if m['role'] != 'system' %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
+     "the chat template drops the system message, so the model would never see it; " + NO_SYSTEM_FIX),
+    ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}",  # Gemma 2's refusal
+     "the chat template refuses this conversation (System role not supported); " + NO_SYSTEM_FIX),
+])
+def test_template_without_a_system_role_is_refused_with_the_records_line(tmp_path, template, says):
+    tokenizer = AutoTokenizer.from_pretrained(TINY_DIR)
+    tokenizer.chat_template = template
+    records = [GOOD_MESSAGES, msgs(("system", "be terse"), ("user", "q"), ("assistant", "a"))]
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in records])
+    assert len(SupervisedDataset(records[:1], tokenizer, 64)) == 1  # without a system prompt all is well
+    loaded, locations = load_records_with_locations(path)
+    with pytest.raises(DataError) as error:
+        SupervisedDataset(loaded, tokenizer, 64, str(path), locations)
+    assert str(error.value) == f"{path}:2: {says}"
