@@ -94,8 +94,8 @@ def _message(turn: object, i: int, s: Shape, where: str) -> dict:
         raise DataError(f"{where}: {s.item} {i} ({who}) has an empty \"{s.text}\"; give it text or drop the {s.item} "
                         "(and its reply)")
     message = {"role": role, "content": text}
-    if "weight" in turn and s is MESSAGES:  # OpenAI's per-reply switch; ShareGPT has none
-        weight = turn["weight"]
+    weight = turn.get("weight")  # OpenAI's per-reply switch (ShareGPT has none); null: absent, as table exports write
+    if weight is not None and s is MESSAGES:
         if role != "assistant" or type(weight) is not int or weight not in (0, 1):
             raise DataError(f"{where}: message {i} ({who}) has \"weight\": {weight!r}; only assistant messages take "
                             "one, 0 (keep the reply as context, do not learn it) or 1 (learn it, the default)")
@@ -181,8 +181,8 @@ def load_records_with_locations(path: str | Path, for_eval: bool = False) -> tup
     path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl (one record per line) or .json "
-                        "(a list of records); a Parquet or Arrow file converts with the datasets library, "
-                        "Dataset.from_parquet(path).to_json(\"train.jsonl\")")
+                        "(a list of records); convert Parquet with the datasets library, "
+                        "Dataset.from_parquet(path).to_json(\"train.jsonl\") (Arrow: Dataset.from_file(path))")
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass --data_path to a .jsonl or .json file of conversation records")
     try:

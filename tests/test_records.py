@@ -280,6 +280,8 @@ SYSTEM, USER, REPLY = {"role": "system", "content": "be terse"}, {"role": "user"
     (msgs(("user", "q"), ("assistant", "a"), system=" "), [USER, REPLY]),
     (conv(("user", "q"), ("assistant", "a")), [USER, REPLY]),  # ShareGPT files that use the chat role names
     ({"messages": [USER, assistant("a", weight=1)]}, [USER, REPLY]),  # 1 is the default
+    ({"messages": [{**USER, "weight": None}, assistant("a", weight=None, name=None)], "system": None},
+     [USER, REPLY]),  # a table export (Parquet -> JSON) writes null for the fields a row lacks
     ({"messages": [USER, assistant("a", weight=0), USER, REPLY], "id": 3, "name": "n"},
      [USER, {**REPLY, "weight": 0}, USER, REPLY]),  # OpenAI's weight 0: kept as context, not learned (lorakit.data)
 ])
