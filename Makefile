@@ -13,7 +13,7 @@ TORCH       := torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorakit/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lab test quick lint notebooks course bench student real-model setup-gpu base task clean
+.PHONY: setup lab test quick lint notebooks course bench experiments student real-model setup-gpu base task clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ course: setup
 
 bench: setup
 	$(PY) -m lorakit.bench $(BENCH_ARGS)
+
+# The LoRA study (notebook 09): every grid row x 3 seeds, one run at a time, niced; rewrites data/experiments/grid.json.
+experiments: setup
+	nice -n 10 $(PY) -m lorakit.experiments $(EXPERIMENTS_ARGS)
 
 student: setup
 	$(PY) -m lorakit.course student
