@@ -13,7 +13,7 @@ TORCH       := torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lorakit/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lab test quick lint notebooks course bench experiments student real-model setup-gpu base task clean
+.PHONY: setup lab test quick lint notebooks course bench experiments student real-model real-model-course setup-gpu base task clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ task: setup
 
 real-model: setup
 	$(PY) -m lorakit.models smollm2
+
+# Notebooks 00, 04 and 05 executed end to end on SmolLM2-135M-Instruct (LORAKIT_MODEL=smollm2); minutes on a CPU.
+real-model-course: real-model
+	LORAKIT_MODEL=smollm2 $(PY) -m pytest -m real_model -s tests/test_real_model_course.py $(PYTEST_ARGS)
 
 # CUDA machines only: a CUDA build of torch, flash-attn (compiles against it), bitsandbytes' CUDA kernels.
 setup-gpu: setup
