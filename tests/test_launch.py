@@ -1,6 +1,9 @@
-"""lorakit.launch: free ports, the torchrun command, an environment whose warning filter hides only the measured library
-noise (a user's own warnings still show), lorakit-train in a fresh process, and the deterministic lines of its log."""
+"""lorakit.launch: free ports, the torchrun command (one machine, or one line per machine), an environment whose warning
+filter hides only the measured library noise (a user's own warnings still show), two "machines" joined over loopback
+(LOCAL_RANK 0 on both, RANK 0 and 1), lorakit-train in a fresh process, and the deterministic lines of its log."""
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -99,3 +102,80 @@ def test_lorakit_train_launcher(ranks, launcher, monkeypatch):
     (command, kwargs), = calls
     assert command[:len(launcher)] == launcher and command[-4:] == ["-m", "lorakit.train", "--output_dir", "x"]
     assert kwargs["cwd"] == launch.ROOT and kwargs["env"]["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("backend, node_rank, where", [
+    ("c10d", 1, ["--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29400", "--rdzv_id", "job7"]),
+    ("static", 1, ["--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29400"]),
+])
+def test_torchrun_node_command(backend, node_rank, where):
+    command = launch.torchrun_node_command(["-m", "lorakit.train"], node_rank, 2, "10.0.0.1:29400", 4, "job7", backend)
+    assert command == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4", *where,
+                       "-m", "lorakit.train"]
+
+
+@pytest.mark.parametrize("node_rank, nnodes, nproc, backend", [(2, 2, 1, "c10d"), (-1, 2, 1, "c10d"),
+                                                               (0, 2, 0, "c10d"), (0, 2, 1, "etcd")])
+def test_torchrun_node_command_refuses_impossible_nodes(node_rank, nnodes, nproc, backend):
+    with pytest.raises(ValueError, match=f"node_rank={node_rank}"):
+        launch.torchrun_node_command(["x.py"], node_rank, nnodes, "127.0.0.1:1", nproc, backend=backend)
+
+
+# what a rank sees of its place in the job, written into its node's working directory
+WHO_AM_I = """import json, os
+keys = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+with open(f"rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({k: int(os.environ[k]) for k in keys}, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_run_nodes_local_rank_is_0_on_every_node_and_rank_is_not(backend, tmp_path):
+    script, disks = tmp_path / "who.py", [tmp_path / "node0", tmp_path / "node1"]
+    script.write_text(WHO_AM_I)
+    for disk in disks:
+        disk.mkdir()
+    done = launch.run_nodes([str(script)], nnodes=2, backend=backend, cwd=disks, timeout=300)
+    assert [node.returncode for node in done] == [0, 0], [node.stdout[-2000:] for node in done]
+    seen = [[json.loads(p.read_text()) for p in disk.glob("rank*.json")] for disk in disks]
+    assert sorted(rank["RANK"] for node in seen for rank in node) == [0, 1] and all(len(node) == 1 for node in seen)
+    for (rank,) in seen:
+        assert rank["LOCAL_RANK"] == 0 and rank["GROUP_RANK"] == rank["RANK"]
+        assert rank["WORLD_SIZE"] == 2 and rank["LOCAL_WORLD_SIZE"] == 1
+    if backend == "static":  # --node_rank decides; under c10d the rendezvous numbers the nodes itself
+        assert [node[0]["RANK"] for node in seen] == [0, 1]
+
+
+def test_run_nodes_stops_every_node_on_timeout(tmp_path, monkeypatch):
+    pids = tmp_path / "pids"
+    sleeper = (f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); print('up', flush=True); "
+               "time.sleep(120)")
+    monkeypatch.setattr(launch, "torchrun_node_command", lambda *args: [sys.executable, "-c", sleeper])
+    with pytest.raises(subprocess.TimeoutExpired) as expired:
+        launch.run_nodes(["x.py"], nnodes=2, timeout=5)
+    assert expired.value.output == "== node 0 ==\nup\n== node 1 ==\nup\n"  # what each node said before it hung
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 2
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone, and reaped: no node outlives the call
+
+
+def test_run_nodes_wants_one_working_directory_or_one_per_node(tmp_path):
+    with pytest.raises(ValueError, match="3 working directories for 2 nodes"):
+        launch.run_nodes(["x.py"], nnodes=2, cwd=[tmp_path] * 3)
+
+
+def test_lorakit_train_on_nodes(monkeypatch):
+    calls = []
+
+    def fake_nodes(module_args, nnodes, nproc_per_node, **kwargs):
+        calls.append((module_args, nnodes, nproc_per_node, kwargs))
+        return [subprocess.CompletedProcess("a", 0, "zero\n", ""), subprocess.CompletedProcess("b", 3, "one\n", "")]
+
+    monkeypatch.setattr(launch, "run_nodes", fake_nodes)
+    assert launch.lorakit_train(["--output_dir", "x"], nodes=2) == (3, "== node 0 ==\nzero\n== node 1 ==\none\n")
+    (module_args, nnodes, nproc, kwargs), = calls
+    assert module_args == ["-m", "lorakit.train", "--output_dir", "x"] and (nnodes, nproc) == (2, 1)
+    assert kwargs["cwd"] == launch.ROOT
