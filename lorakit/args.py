@@ -47,7 +47,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(default=str(_DATA / "task" / "train.jsonl"), metadata={
-        "help": "training conversations, FastChat format, .jsonl (one record per line) or .json (a list)"})
+        "help": "training conversations, ShareGPT ('conversations') or 'messages' shape, one shape per file; .jsonl "
+                "(one record per line) or .json (a list)"})
     eval_data_path: str = field(default=str(_DATA / "task" / "eval.jsonl"), metadata={
         "help": "held-out conversations for the eval loss ('' for none)"})
     lazy_preprocess: bool = field(default=False, metadata={
