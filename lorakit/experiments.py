@@ -1,7 +1,7 @@
 """What matters in LoRA, measured on the course's task: a grid of lorakit-train settings, several seeds each.
 
     python -m lorakit.experiments --out data/experiments/grid.json          # the full grid (make experiments)
-    python -m lorakit.experiments --only r8 full-lr1e-3 --seeds 0 --out x.json
+    python -m lorakit.experiments --only r8 full-lr1e-02 --seeds 0 --out x.json
     from lorakit.experiments import GRID, run_point, skill_scores
 
 Every run trains the embedded tiny Llama on the reversal task for the same budget (STEPS optimizer steps of batch 16,
@@ -75,10 +75,11 @@ GRID: list[Setting] = [
     *(replace(BASE, name=f"r{r}-rslora", group="alpha", r=r, rslora=True) for r in (16, 64)),  # 16/sqrt(r)
     replace(BASE, name="attention", group="targets", targets=ATTENTION),
     replace(BASE, name="all-linear", group="targets", targets=ALL_LINEAR),
-    *(replace(BASE, name=f"lr{lr:.0e}", group="lr", lr=lr) for lr in (1e-3, 1e-2)),   # with r8: 1e-3, 3e-3, 1e-2
+    *(replace(BASE, name=f"lr{lr:.0e}", group="lr", lr=lr) for lr in (1e-3, 1e-2, 3e-2)),  # with r8's 3e-3
     replace(BASE, name="dora", group="dora", dora=True),
     replace(BASE, name="dora-all-linear", group="dora", dora=True, targets=ALL_LINEAR),
-    *(replace(BASE, name=f"full-lr{lr:.0e}", group="full", method="full", lr=lr) for lr in (3e-4, 1e-3, 3e-3)),
+    *(replace(BASE, name=f"full-lr{lr:.0e}", group="full", method="full", lr=lr)
+      for lr in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),  # the tuned rate of full fine-tuning is the best of these
     replace(BASE, name="qlora", group="qlora", method="qlora"),
     replace(BASE, name="qlora-all-linear", group="qlora", method="qlora", targets=ALL_LINEAR),
 ]
