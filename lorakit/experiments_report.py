@@ -91,14 +91,15 @@ def describe(setting: dict) -> str:
     return f"{method} r={setting['r']} {alpha} {targets} {lr}"
 
 
-def markdown_table(rows: dict[str, Row], names: list[str] | None = None) -> str:
-    """The headline table: accuracy and skills kept (mean ± std, range over seeds), parameters, memory, seconds."""
-    lines = ["| setting | held-out exact match | base skills kept (base 74.2%) | trainable params | peak step MiB "
-             "| train s |", "|---|---|---|---|---|---|"]
+def markdown_table(rows: dict[str, Row], names: list[str] | None = None, seconds: bool = False) -> str:
+    """The headline table: accuracy and skills kept (mean ± std, range over seeds), parameters, memory; with
+    seconds=True also the mean training seconds (machine-dependent: not for a notebook's compared outputs)."""
+    lines = ["| setting | held-out exact match | base skills kept (base 74.2%) | trainable params | peak step MiB |"
+             + " train s |" * seconds, "|---|---|---|---|---|" + "---|" * seconds]
     for name in names or list(rows):
         row = rows[name]
         lines.append(f"| {describe(row.setting)} | {row.accuracy.pct()} | {row.skills.pct()} | {row.trainable:,} "
-                     f"| {row.peak_mib:.1f} | {row.seconds.mean:.0f} |")
+                     f"| {row.peak_mib:.1f} |" + f" {row.seconds.mean:.0f} |" * seconds)
     return "\n".join(lines)
 
 
@@ -110,3 +111,21 @@ def errorbar(ax, xs, spreads: list[Spread], label: str | None = None, **kwargs) 
     line = ax.errorbar(xs, means, yerr=[lower, upper], capsize=3, marker="o", label=label, **kwargs)
     for x, s in zip(xs, spreads, strict=True):
         ax.scatter([x] * len(s.values), [100 * v for v in s.values], s=8, alpha=0.4, color=line[0].get_color())
+
+
+RESULT_KEYS = ("accuracy", "skills", "train_loss", "trainable_params", "peak_step_bytes")  # not the seconds
+
+
+def differences(committed: dict, again: dict) -> list[str]:
+    """'name seed key: committed -> again' for every run of `again` whose results differ from the committed run's;
+    [] when all of them reproduce (timings are not compared)."""
+    stored = {(r["name"], r["seed"]): r for r in committed["runs"]}
+    lines = []
+    for run in again["runs"]:
+        old = stored.get((run["name"], run["seed"]))
+        if old is None:
+            lines.append(f"{run['name']} seed {run['seed']}: not in the committed results")
+            continue
+        lines += [f"{run['name']} seed {run['seed']} {key}: {old[key]} -> {run[key]}" for key in RESULT_KEYS
+                  if old[key] != run[key]]
+    return lines

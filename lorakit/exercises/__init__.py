@@ -9,6 +9,8 @@ It never raises a bare AssertionError: an exception inside the learner's code is
     layers.py     03 flash attention, 04 PEFT wrapping
     training.py   05 Trainer run, 06 ZeRO-3
     capstone.py   07 capstone
+    planning.py   08 will it fit
+    study.py      09 what matters
 """
 
 from lorakit.exercises.basics import (
@@ -28,6 +30,7 @@ from lorakit.exercises.layers import (
     check_online_softmax_step,
 )
 from lorakit.exercises.planning import check_loss_bytes, check_nf4_bytes
+from lorakit.exercises.study import check_lora_scale, check_pareto_front
 from lorakit.exercises.training import (
     check_adapter_names,
     check_label_conversation,
@@ -46,4 +49,5 @@ __all__ = [
     "check_adapter_names", "check_zero3_shard",  # 06
     "check_train_flags", "check_merge_adapter",  # 07
     "check_loss_bytes", "check_nf4_bytes",  # 08
+    "check_lora_scale", "check_pareto_front",  # 09
 ]
