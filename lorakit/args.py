@@ -50,7 +50,8 @@ class DataArguments:
         "help": "training conversations, ShareGPT ('conversations') or 'messages' shape, one shape per file; .jsonl "
                 "(one record per line) or .json (a list)"})
     eval_data_path: str = field(default=str(_DATA / "task" / "eval.jsonl"), metadata={
-        "help": "held-out conversations for the eval loss ('' for none)"})
+        "help": "held-out conversations: the exact match reported after a single-process run (not ZeRO-3), and the "
+                "eval loss with --eval_strategy steps or epoch ('' for none)"})
     lazy_preprocess: bool = field(default=False, metadata={
         "help": "tokenise each record on first use instead of all up front (large data sets)"})
 
