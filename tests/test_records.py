@@ -106,21 +106,33 @@ def test_json_and_jsonl_load_the_same(tmp_path):
     assert load_records(tmp_path / "eval.json") == records and len(records) == 100
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.text(max_size=200), st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.sampled_from(["human", "gpt", "system"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["conversations", "from", "value", "id"]), inner, max_size=3), max_leaves=12).map(json.dumps)),
-    st.sampled_from([".jsonl", ".json"]))
-def test_fuzz_loads_or_raises_data_error(tmp_path, text, suffix):
+def json_documents(keys: list[str], atoms) -> st.SearchStrategy[str]:
+    """Any text, or JSON built from `atoms` and dicts over `keys`: what a broken or half-right data file looks like."""
+    return st.one_of(st.text(max_size=200), st.recursive(atoms, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(keys), inner, max_size=3), max_leaves=12).map(json.dumps))
+
+
+def loaded_or_refused(tmp_path, text: str, suffix: str) -> list[dict] | None:
+    """The records a fuzzed file loads to, or None when it is refused with one line naming the file."""
     path = tmp_path / f"fuzz{suffix}"
     path.write_text(text, encoding="utf-8")
     try:
-        records = load_records(path)
+        return load_records(path)
     except DataError as error:
-        assert str(path) in str(error)
-        return
-    assert records and all(check_record(r, "again") for r in records)
+        assert str(path) in str(error) and "\n" not in str(error)
+        return None
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(json_documents(["conversations", "from", "value", "id"], st.none() | st.booleans() | st.integers()
+                      | st.text(max_size=8) | st.sampled_from(["human", "gpt", "system"])),
+       st.sampled_from([".jsonl", ".json"]))
+def test_fuzz_loads_or_raises_data_error(tmp_path, text, suffix):
+    records = loaded_or_refused(tmp_path, text, suffix)
+    assert records is None or (records and all(check_record(r, "again") for r in records))
 
 
 def test_locations_name_the_line_despite_blank_lines(tmp_path):
@@ -299,21 +311,14 @@ def test_task_files_load_the_same_in_both_shapes(tmp_path):
     assert again[0] == {"id": records[0]["id"], "messages": again[0]["messages"]}  # returned as written
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.text(max_size=200), st.recursive(
-    st.none() | st.booleans() | st.integers(-1, 2) | st.text(max_size=8)
-    | st.sampled_from(["user", "assistant", "system", "human", "tool"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["messages", "role", "content", "weight", "system", "conversations", "id"]), inner,
-        max_size=3), max_leaves=12).map(json.dumps)),
-    st.sampled_from([".jsonl", ".json"]))
+@FUZZ
+@given(json_documents(["messages", "role", "content", "weight", "system", "conversations", "id"],
+                      st.none() | st.booleans() | st.integers(-1, 2) | st.text(max_size=8)
+                      | st.sampled_from(["user", "assistant", "system", "human", "tool"])),
+       st.sampled_from([".jsonl", ".json"]))
 def test_fuzz_messages_loads_or_raises_data_error(tmp_path, text, suffix):
-    path = tmp_path / f"fuzz{suffix}"
-    path.write_text(text, encoding="utf-8")
-    try:
-        records = load_records(path)
-    except DataError as error:
-        assert str(path) in str(error) and "\n" not in str(error)
+    records = loaded_or_refused(tmp_path, text, suffix)
+    if records is None:
         return
     messages = [check_record(r, "again") for r in records]
     assert all(m[-1]["role"] in ("assistant", "user") and any(t["role"] == "assistant" for t in m) for m in messages)
