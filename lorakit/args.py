@@ -58,7 +58,7 @@ class DataArguments:
     def __post_init__(self):
         for flag, value in (("--data_path", self.data_path), ("--eval_data_path", self.eval_data_path)):
             if value and Path(value).suffix not in (".json", ".jsonl"):
-                raise ValueError(f"{flag} {value!r} is neither .jsonl nor .json; convert it to FastChat conversation "
+                raise ValueError(f"{flag} {value!r} is neither .jsonl nor .json; convert it to conversation "
                                  "records, one per line in a .jsonl file")
         if not self.data_path:
             raise ValueError("--data_path is empty; pass a .jsonl file of conversation records")
